@@ -1,0 +1,243 @@
+"""The two jit sites — prefill (a scan over chunks) and the decode step — and the `Model` API.
+
+prefill: tokens are cut into chunks of `chunk_size`; one compiled program runs a `lax.scan` over
+`chunks_per_call` chunks (chunks that are entirely padding are skipped with `lax.cond`), so every
+prompt length runs the same program; longer prompts take several calls with the state carried.
+decode: one token per sequence, state donated (updated in place on CPU/CUDA).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array, lax
+
+from rwkv_jax import model, wkv
+from rwkv_jax.errors import InputError
+from rwkv_jax.gguf import GGUFFile, ModelConfig
+from rwkv_jax.params import DTYPES, Params, load_params
+from rwkv_jax.state import State
+from rwkv_jax.tokenizer import Tokenizer
+
+WKV_IMPLS = ("chunked", "sequential")
+
+
+def _wkv_fn(impl: str) -> model.WkvFn:
+    """The WKV-7 kernel used inside one chunk."""
+    if impl == "chunked":
+        return wkv.wkv7_chunk
+    if impl == "sequential":
+        return wkv.wkv7_sequential
+    raise InputError(f"wkv implementation '{impl}' is not one of {WKV_IMPLS}")
+
+
+def _step_wkv(S, r, k, v, alpha, beta, ld):
+    """Single-token WKV ([B, 1, H, N] inputs) without a loop."""
+    y, S = wkv.wkv7_step(S, r[:, 0], k[:, 0], v[:, 0], alpha[:, 0], beta[:, 0], ld[:, 0])
+    return y[:, None], S
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk_size", "all_logits", "impl", "dtype"))
+def prefill_call(
+    params: Params,
+    tokens: Array,
+    lengths: Array,
+    state: State,
+    *,
+    cfg: ModelConfig,
+    chunk_size: int,
+    all_logits: bool,
+    impl: str,
+    dtype,
+) -> tuple[Array, State]:
+    """One prefill call: tokens [B, K*chunk_size] (row b valid up to lengths[b]) from state.
+
+    Returns logits [B, V] of each row's last valid token (rows with length 0 get zeros), or
+    [B, K*chunk_size, V] for every position, and the new state.
+    """
+    B, T = tokens.shape
+    n_chunks = T // chunk_size
+    chunks = tokens.reshape(B, n_chunks, chunk_size).transpose(1, 0, 2)  # [K, B, L]
+    starts = jnp.arange(n_chunks, dtype=jnp.int32)[:, None] * chunk_size
+    chunk_lens = jnp.clip(lengths[None, :] - starts, 0, chunk_size)  # [K, B]
+    wkv_fn = _wkv_fn(impl)
+    V = cfg.vocab_size
+    out_shape = (B, chunk_size, V) if all_logits else (B, V)
+
+    def run(state, tok, lens):
+        return model.forward(
+            params, cfg, tok, state, lengths=lens, wkv_fn=wkv_fn, all_logits=all_logits, dtype=dtype
+        )
+
+    def skip(state, tok, lens):
+        return jnp.zeros(out_shape, jnp.float32), state
+
+    def body(carry, xs):
+        state, last = carry
+        tok, lens = xs
+        logits, state = lax.cond(jnp.any(lens > 0), run, skip, state, tok, lens)
+        if not all_logits:  # keep the logits of the chunk holding each row's last token
+            last = jnp.where((lens > 0)[:, None], logits, last)
+            logits = None
+        return (state, last), logits
+
+    (state, last), per_chunk = lax.scan(
+        body, (state, jnp.zeros((B, V), jnp.float32)), (chunks, chunk_lens)
+    )
+    if all_logits:
+        return per_chunk.transpose(1, 0, 2, 3).reshape(B, T, V), state
+    return last, state
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("state",))
+def decode_step(
+    params: Params, tokens: Array, state: State, *, cfg: ModelConfig, dtype
+) -> tuple[Array, State]:
+    """One token per sequence: tokens [B] -> logits [B, V] and the new state (donated)."""
+    return model.forward(params, cfg, tokens[:, None], state, wkv_fn=_step_wkv, dtype=dtype)
+
+
+@dataclass
+class Model:
+    """A loaded model: weights on the device, config, tokenizer and the two compiled paths."""
+
+    params: Params
+    config: ModelConfig
+    tokenizer: Tokenizer
+    path: str = ""
+    dtype: object = jnp.float32
+    chunk_size: int = 16
+    chunks_per_call: int = 16
+    wkv_impl: str = "chunked"
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def new_state(self, batch: int = 1) -> State:
+        """A zero state for `batch` sequences."""
+        return State.zeros(self.config, batch, self.dtype)
+
+    # ---- forward -----------------------------------------------------------------------------
+
+    def _tokens(self, tokens) -> np.ndarray:
+        """Tokens as int32 [B, T], range-checked."""
+        arr = np.asarray(tokens)
+        if arr.ndim == 1:
+            arr = arr[None, :]
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+            raise InputError(
+                f"tokens must be integer ids of shape [T] or [B, T], got {arr.dtype} {arr.shape}"
+            )
+        if arr.size and (arr.min() < 0 or arr.max() >= self.config.vocab_size):
+            bad = int(arr[(arr < 0) | (arr >= self.config.vocab_size)][0])
+            raise InputError(
+                f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})"
+            )
+        return arr.astype(np.int32)
+
+    def forward(
+        self, tokens, state: State | None = None, *, all_logits: bool = False
+    ) -> tuple[Array, State]:
+        """Feed tokens ([T] or [B, T]); logits of the last token [B, V] (or [B, T, V]) + state."""
+        toks = self._tokens(tokens)
+        B, T = toks.shape
+        if state is None:
+            state = self.new_state(B)
+        if state.batch != B:
+            raise InputError(f"state holds {state.batch} sequences but tokens have {B} rows")
+        if T == 0:
+            raise InputError("no tokens to feed: the prompt is empty")
+        span = self.chunk_size * self.chunks_per_call
+        outs, last = [], None
+        for s in range(0, T, span):
+            piece = toks[:, s : s + span]
+            n = piece.shape[1]
+            padded = np.zeros((B, span), np.int32)
+            padded[:, :n] = piece
+            lengths = jnp.full((B,), n, jnp.int32)
+            logits, state = prefill_call(
+                self.params,
+                jnp.asarray(padded),
+                lengths,
+                state,
+                cfg=self.config,
+                chunk_size=self.chunk_size,
+                all_logits=all_logits,
+                impl=self.wkv_impl,
+                dtype=self.dtype,
+            )
+            if all_logits:
+                outs.append(logits[:, :n])
+            else:
+                last = logits
+        return (jnp.concatenate(outs, axis=1) if all_logits else last), state
+
+    def step(self, tokens, state: State) -> tuple[Array, State]:
+        """Decode one token per sequence (tokens [B]); `state` is consumed (donated)."""
+        toks = self._tokens(np.asarray(tokens).reshape(1, -1))[0]
+        return decode_step(self.params, jnp.asarray(toks), state, cfg=self.config, dtype=self.dtype)
+
+    # ---- text --------------------------------------------------------------------------------
+
+    def generate_tokens(
+        self, prompt: str | Sequence[int], max_tokens: int, state: State | None = None
+    ) -> Iterator[int]:
+        """Greedy continuation of a prompt (text or ids), one token id at a time."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str | bytes) else list(prompt)
+        if not ids:
+            raise InputError("the prompt is empty: give at least one token or character")
+        logits, state = self.forward(ids, state)
+        for _ in range(max_tokens):
+            tok = int(jnp.argmax(logits[0]))
+            yield tok
+            logits, state = self.step([tok], state)
+
+    def generate(
+        self, prompt: str | Sequence[int], max_tokens: int = 64, *, stream: bool = False
+    ) -> str:
+        """Greedy text continuation; with stream=True text is printed as it is produced."""
+        dec = self.tokenizer.stream()
+        pieces = []
+        for tok in self.generate_tokens(prompt, max_tokens):
+            text = dec.feed(tok)
+            pieces.append(text)
+            if stream and text:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        tail = dec.flush()
+        pieces.append(tail)
+        if stream:
+            sys.stdout.write(tail + "\n")
+            sys.stdout.flush()
+        return "".join(pieces)
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    mode: str = "packed",
+    dtype: str = "float32",
+    chunk_size: int = 16,
+    chunks_per_call: int = 16,
+    wkv_impl: str = "chunked",
+) -> Model:
+    """Open a `.gguf` file and put its weights on the default device (see `Model`)."""
+    if dtype not in DTYPES:
+        raise InputError(f"dtype '{dtype}' is not one of {list(DTYPES)}")
+    if chunk_size not in (16, 32, 64):
+        raise InputError(f"chunk_size {chunk_size} must be 16, 32 or 64")
+    _wkv_fn(wkv_impl)
+    f = GGUFFile(path)
+    params = load_params(f, mode=mode, dtype=DTYPES[dtype])
+    tok = Tokenizer.from_gguf(
+        f.metadata.get("tokenizer.ggml.tokens") or [], f.metadata.get("tokenizer.ggml.token_type")
+    )
+    return Model(
+        params, f.config, tok, f.path, DTYPES[dtype], chunk_size, chunks_per_call, wkv_impl
+    )

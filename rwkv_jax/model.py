@@ -1,0 +1,243 @@
+"""The RWKV-7 forward pass as pure functions over `Params` and `State` (spec §1).
+
+Reads top-down like BlinkDL's `rwkv_v7_numpy.py`: layer_norm, token_shift, time_mix (with the
+WKV-7 recurrence from `wkv.py`), channel_mix, block, forward. Every function is batched over
+[B, T] tokens. Matrices are multiplied only through `Weight.matmul`, so nothing here depends on
+the storage format. The residual stream and all normalisations run in float32; `dtype` is the
+compute dtype of the matrix products and of the token-shift state; the WKV state is float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array, lax
+
+from rwkv_jax import quant, wkv
+from rwkv_jax.gguf import ModelConfig
+from rwkv_jax.params import Block, Params
+from rwkv_jax.state import State
+
+DECAY_SCALE = math.exp(-0.5)  # wd = exp(-e^{-1/2} * sigmoid(z)), spec §1.4-7
+L2_EPS = 1e-12  # F.normalize clamp of the removal-key norm
+
+# (S, r, k, v, alpha, beta, log_decay) -> (y, S), inputs [B, T, H, N], S [B, H, N, N]
+WkvFn = Callable[..., tuple[Array, Array]]
+
+
+class LayerState(NamedTuple):
+    """One layer's slice of `State`."""
+
+    att_shift: Array  # [B, C]
+    ffn_shift: Array  # [B, C]
+    wkv: Array  # [B, H, N, N] float32
+
+
+def layer_norm(x: Array, w: Array, b: Array, eps: float) -> Array:
+    """LN over the last axis with biased variance (PyTorch semantics), in float32."""
+    x = x.astype(jnp.float32)
+    mu = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
+    return (x - mu) * lax.rsqrt(var + eps) * w + b
+
+
+def group_norm(y: Array, w: Array, b: Array, eps: float) -> Array:
+    """ln_x: per-head normalisation of y [..., H, N], then the affine over C = H*N."""
+    mu = jnp.mean(y, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(y - mu), axis=-1, keepdims=True)
+    yn = ((y - mu) * lax.rsqrt(var + eps)).reshape(*y.shape[:-2], -1)  # [..., C]
+    return yn * w + b
+
+
+def token_shift(u: Array, prev: Array, lengths: Array) -> tuple[Array, Array]:
+    """d = shifted(u) - u and the new shift state (u at each sequence's last valid token).
+
+    u [B, T, C]; prev [B, C] (the previous call's last u); lengths [B] valid tokens per row.
+    """
+    shifted = jnp.concatenate([prev[:, None, :].astype(u.dtype), u[:, :-1]], axis=1)  # [B, T, C]
+    last = jnp.take_along_axis(u, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    new_prev = jnp.where((lengths > 0)[:, None], last.astype(prev.dtype), prev)
+    return shifted - u, new_prev
+
+
+def matmul(w: quant.Weight, x: Array, dtype) -> Array:
+    """y = W x in the compute dtype (float32 accumulation), returned as float32."""
+    return w.matmul(x.astype(dtype)).astype(jnp.float32)
+
+
+def lora(x: Array, down: quant.Weight, up: quant.Weight, dtype, act=None) -> Array:
+    """(x·down)·up with an optional nonlinearity in between (BlinkDL's row-vector notation)."""
+    h = matmul(down, x, dtype)
+    if act is not None:
+        h = act(h)
+    return matmul(up, h, dtype)
+
+
+def time_mix(
+    blk: Block,
+    cfg: ModelConfig,
+    x: Array,
+    st: LayerState,
+    v_first: Array,
+    is_first: Array | bool,
+    valid: Array,
+    lengths: Array,
+    wkv_fn: WkvFn,
+    dtype,
+) -> tuple[Array, Array, Array, Array]:
+    """Attention replacement of one layer: returns (out, v_first, att_shift, wkv state)."""
+    B, T, C = x.shape
+    H, N = cfg.n_head, cfg.head_size
+    u = layer_norm(x, blk.ln1_w, blk.ln1_b, cfg.layer_norm_eps)  # [B, T, C]
+    d, att_shift = token_shift(u, st.att_shift, lengths)
+    xr, xw, xk, xv, xa, xg = (u + d * blk.x_rwkvag[i] for i in range(6))
+
+    r = matmul(blk.receptance, xr, dtype)
+    k = matmul(blk.key, xk, dtype)
+    v = matmul(blk.value, xv, dtype)
+    z = blk.w0 + lora(xw, blk.w1, blk.w2, dtype, jnp.tanh)  # decay pre-activation
+    log_decay = -DECAY_SCALE * jax.nn.sigmoid(z)  # ld in (-0.6065, 0)
+    a = jax.nn.sigmoid(blk.a0 + lora(xa, blk.a1, blk.a2, dtype))  # in-context learning rate
+    g = lora(xg, blk.g1, blk.g2, dtype, jax.nn.sigmoid)  # output gate (no squash after g2)
+
+    # value residual: layer 0 sets v_first = v, which makes the mix below an exact no-op there
+    v_first = jnp.where(is_first, v, v_first)
+    v = v + (v_first - v) * jax.nn.sigmoid(blk.v0 + lora(xv, blk.v1, blk.v2, dtype))
+
+    heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731  [B, T, C] -> [B, T, H, N]
+    kk = heads(k * blk.k_k)  # removal key from k *before* the k_a rescale
+    kk = kk / jnp.maximum(jnp.linalg.norm(kk, axis=-1, keepdims=True), L2_EPS)
+    k = k * (1 + (a - 1) * blk.k_a)
+
+    # padded positions (beyond each row's length) must not touch the state: v = beta = 0, ld = 0
+    m = valid[:, :, None, None]
+    y, S = wkv_fn(
+        st.wkv,
+        heads(r),
+        heads(k),
+        jnp.where(m, heads(v), 0.0),
+        -kk,
+        jnp.where(m, kk * heads(a), 0.0),
+        jnp.where(m, heads(log_decay), 0.0),
+    )
+
+    out = group_norm(y, blk.ln_x_w, blk.ln_x_b, cfg.group_norm_eps)  # [B, T, C]
+    bonus = jnp.sum(heads(r) * heads(k) * blk.r_k, axis=-1, keepdims=True)  # [B, T, H, 1]
+    out = out + (bonus * heads(v)).reshape(B, T, C)
+    return matmul(blk.output, out * g, dtype), v_first, att_shift, S
+
+
+def channel_mix(
+    blk: Block, cfg: ModelConfig, x: Array, prev: Array, lengths: Array, dtype
+) -> tuple[Array, Array]:
+    """FFN of one layer: value(relu(key(lerp))^2); returns (out, ffn_shift)."""
+    u = layer_norm(x, blk.ln2_w, blk.ln2_b, cfg.layer_norm_eps)
+    d, ffn_shift = token_shift(u, prev, lengths)
+    h = jnp.square(jax.nn.relu(matmul(blk.ffn_key, u + d * blk.ffn_x_k, dtype)))  # [B, T, F]
+    return matmul(blk.ffn_value, h, dtype), ffn_shift
+
+
+def block(
+    blk: Block,
+    cfg: ModelConfig,
+    x: Array,
+    st: LayerState,
+    v_first: Array,
+    is_first: Array | bool,
+    valid: Array,
+    lengths: Array,
+    wkv_fn: WkvFn,
+    dtype,
+) -> tuple[Array, Array, LayerState]:
+    """One residual block: x += time_mix(x); x += channel_mix(x)."""
+    att, v_first, att_shift, S = time_mix(
+        blk, cfg, x, st, v_first, is_first, valid, lengths, wkv_fn, dtype
+    )
+    x = x + att
+    ffn, ffn_shift = channel_mix(blk, cfg, x, st.ffn_shift, lengths, dtype)
+    return x + ffn, v_first, LayerState(att_shift, ffn_shift, S)
+
+
+def embed(params: Params, cfg: ModelConfig, tokens: Array) -> Array:
+    """x0 = LN(emb[token]; ln0), float32 [B, T, C]."""
+    e = params.emb.rows(tokens).astype(jnp.float32)
+    return layer_norm(e, params.ln0_w, params.ln0_b, cfg.layer_norm_eps)
+
+
+def layers(
+    params: Params,
+    cfg: ModelConfig,
+    x: Array,
+    state: State,
+    valid: Array,
+    lengths: Array,
+    wkv_fn: WkvFn,
+    dtype,
+) -> tuple[Array, State]:
+    """All blocks: a lax.scan over stacked layers, or an unrolled loop over a tuple."""
+    v_first0 = jnp.zeros_like(x)
+    if params.stacked:
+
+        def body(carry, xs):
+            h, v_first = carry
+            blk, idx, a_sh, f_sh, S = xs
+            with jax.named_scope("block"):
+                h, v_first, st = block(
+                    blk,
+                    cfg,
+                    h,
+                    LayerState(a_sh, f_sh, S),
+                    v_first,
+                    idx == 0,
+                    valid,
+                    lengths,
+                    wkv_fn,
+                    dtype,
+                )
+            return (h, v_first), tuple(st)
+
+        xs = (params.blocks, jnp.arange(cfg.n_layer), state.att_shift, state.ffn_shift, state.wkv)
+        (x, _), (att, ffn, S) = lax.scan(body, (x, v_first0), xs)
+        return x, State(att, ffn, S)
+    v_first, out = v_first0, []
+    for i, blk in enumerate(params.blocks):  # type: ignore[arg-type]
+        with jax.named_scope(f"block_{i}"):
+            st = LayerState(state.att_shift[i], state.ffn_shift[i], state.wkv[i])
+            x, v_first, st = block(blk, cfg, x, st, v_first, i == 0, valid, lengths, wkv_fn, dtype)
+        out.append(st)
+    return x, State(*(jnp.stack(parts) for parts in zip(*out, strict=True)))
+
+
+def head(params: Params, cfg: ModelConfig, x: Array, dtype) -> Array:
+    """logits = head · LN(x; ln_out), float32 [..., V]."""
+    return matmul(
+        params.head, layer_norm(x, params.ln_out_w, params.ln_out_b, cfg.layer_norm_eps), dtype
+    )
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: Array,
+    state: State,
+    *,
+    lengths: Array | None = None,
+    wkv_fn: WkvFn = wkv.wkv7_sequential,
+    all_logits: bool = False,
+    dtype=jnp.float32,
+) -> tuple[Array, State]:
+    """Run tokens [B, T] from `state`; logits of each row's last valid token [B, V] (or all
+    positions [B, T, V]) and the new state. Row b uses tokens[b, :lengths[b]] (default all)."""
+    B, T = tokens.shape
+    if lengths is None:
+        lengths = jnp.full((B,), T, jnp.int32)
+    valid = jnp.arange(T)[None, :] < lengths[:, None]  # [B, T]
+    x = embed(params, cfg, tokens)
+    x, state = layers(params, cfg, x, state, valid, lengths, wkv_fn, dtype)
+    if not all_logits:
+        x = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    return head(params, cfg, x, dtype), state

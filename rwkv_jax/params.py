@@ -1,0 +1,206 @@
+"""The weights of an RWKV-7 model as an equinox pytree, loaded from a GGUF file.
+
+Matrices stay in their file format (`quant.Weight`: packed blocks for quantized types) unless
+`mode="dense"` asks for a one-time dequantization at load. Vectors are float32. When every layer
+has the same formats (true of llama.cpp's rwkv7 presets) the layers are stacked along a leading
+axis so the forward pass is one `lax.scan`; otherwise they stay a tuple and are unrolled.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from rwkv_jax import quant
+from rwkv_jax.errors import GGUFError, InputError
+from rwkv_jax.gguf import GLOBAL_TENSORS, LAYER_TENSORS, GGUFFile, TensorInfo
+
+T = gguf.GGMLQuantizationType
+MODES = ("packed", "dense")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class Block(eqx.Module):
+    """One layer: time mix (attention replacement) then channel mix (FFN). Names as BlinkDL's."""
+
+    ln1_w: Array  # [C]
+    ln1_b: Array  # [C]
+    x_rwkvag: Array  # [6, C] token-shift lerp coefficients, order r, w, k, v, a, g
+    w0: Array  # [C] decay bias
+    w1: quant.Weight  # (Dw, C) decay LoRA down
+    w2: quant.Weight  # (C, Dw) decay LoRA up
+    a0: Array  # [C] iclr bias
+    a1: quant.Weight  # (Da, C)
+    a2: quant.Weight  # (C, Da)
+    v0: Array  # [C] value-residual bias
+    v1: quant.Weight  # (Dv, C)
+    v2: quant.Weight  # (C, Dv)
+    g1: quant.Weight  # (Dg, C) gate LoRA
+    g2: quant.Weight  # (C, Dg)
+    k_k: Array  # [C] removal-key scale
+    k_a: Array  # [C] iclr key rescale
+    r_k: Array  # [H, N] bonus
+    receptance: quant.Weight  # (C, C)
+    key: quant.Weight  # (C, C)
+    value: quant.Weight  # (C, C)
+    output: quant.Weight  # (C, C)
+    ln_x_w: Array  # [C] per-head GroupNorm affine
+    ln_x_b: Array  # [C]
+    ln2_w: Array  # [C]
+    ln2_b: Array  # [C]
+    ffn_x_k: Array  # [C]
+    ffn_key: quant.Weight  # (F, C)
+    ffn_value: quant.Weight  # (C, F)
+
+
+class Params(eqx.Module):
+    """All weights. `blocks` is one Block with a leading layer axis, or a tuple of Blocks."""
+
+    emb: quant.Weight  # (V, C), looked up by rows
+    ln0_w: Array  # [C]
+    ln0_b: Array  # [C]
+    blocks: Block | tuple[Block, ...]
+    ln_out_w: Array  # [C]
+    ln_out_b: Array  # [C]
+    head: quant.Weight  # (V, C)
+
+    @property
+    def stacked(self) -> bool:
+        """True when the layers are one stacked Block (forward scans over them)."""
+        return isinstance(self.blocks, Block)
+
+
+def _vector(f: GGUFFile, info: TensorInfo) -> np.ndarray:
+    """A 1-D (or lerp) tensor as float32 on the host; float formats only (never quantized)."""
+    n = int(np.prod(info.ne))
+    if info.ggml_type == T.F32:
+        return info.data.view(np.float32)[:n]
+    if info.ggml_type == T.F16:
+        return info.data.view(np.float16)[:n].astype(np.float32)
+    if info.ggml_type == T.BF16:
+        return (info.data.view(np.uint16)[:n].astype(np.uint32) << 16).view(np.float32)
+    raise GGUFError(
+        f"{f.path}: tensor '{info.name}' is a vector stored as {info.type_name}; llama.cpp keeps "
+        "vectors in F32/F16/BF16 and so does rwkv_jax (re-convert the file)"
+    )
+
+
+def _host_fields(f: GGUFFile, layer: int | None) -> dict[str, object]:
+    """Host-side pieces of one layer (or the global tensors): vectors as numpy, matrices as info."""
+    specs = GLOBAL_TENSORS if layer is None else LAYER_TENSORS
+    prefix = "" if layer is None else f"blk.{layer}."
+    cfg = f.config
+    out: dict[str, object] = {}
+    for spec in specs:
+        info = f.tensor(prefix + spec.gguf_name)
+        if spec.kind == "mat":
+            out[spec.field] = info
+        elif spec.kind == "lerp":
+            out[spec.field] = _vector(f, info).reshape(6, cfg.n_embd)  # torch (6,1,1,C)
+        elif spec.field == "r_k":
+            out[spec.field] = _vector(f, info).reshape(cfg.n_head, cfg.head_size)
+        else:
+            out[spec.field] = _vector(f, info)
+    return out
+
+
+def _layer0_dummy(f: GGUFFile, layers: list[dict[str, object]]) -> None:
+    """Give layer 0's unused v1/v2 the rank and format of the other layers (so layers stack).
+
+    Layer 0 never applies the value-residual mix (the model sets v_first = v there, which makes
+    the mix an exact no-op), so zero blocks of the common format stand in for the dummies.
+    """
+    if len(layers) < 2:
+        return
+    for field in ("v1", "v2"):
+        ref: TensorInfo = layers[1][field]  # type: ignore[assignment]
+        zeros = np.zeros_like(ref.data)
+        layers[0][field] = TensorInfo(f"blk.0.{field} (dummy)", ref.ggml_type, ref.ne, zeros)
+    layers[0]["v0"] = np.zeros_like(layers[1]["v0"])  # type: ignore[arg-type]
+
+
+def _weight(info: TensorInfo, raw: np.ndarray) -> quant.Weight:
+    """A packed weight of PyTorch shape (out, in) from its (possibly layer-stacked) bytes."""
+    out_dim = int(np.prod(info.ne[1:], dtype=np.int64))
+    return quant.weight_from_raw(raw, info.ggml_type, (out_dim, info.ne[0]), info.name)
+
+
+def _signature(layer: dict[str, object]) -> tuple:
+    """What must agree across layers for them to be stacked."""
+    return tuple(
+        (k, v.ggml_type, v.ne) if isinstance(v, TensorInfo) else (k, v.shape)  # type: ignore
+        for k, v in sorted(layer.items())
+    )
+
+
+def _build_block(layers: list[dict[str, object]]) -> Block:
+    """One Block from one layer's host pieces, or stacked from several (leading axis)."""
+    fields: dict[str, object] = {}
+    for name, first in layers[0].items():
+        if isinstance(first, TensorInfo):
+            if len(layers) == 1:
+                raw = first.rows()
+            else:  # [L, out, row_bytes]: one host copy, one upload
+                raw = np.stack([lay[name].rows() for lay in layers])  # type: ignore[union-attr]
+            fields[name] = _weight(first, raw)
+        else:
+            host = first if len(layers) == 1 else np.stack([lay[name] for lay in layers])
+            fields[name] = jnp.asarray(host, jnp.float32)
+    return Block(**fields)  # type: ignore[arg-type]
+
+
+def load_params(
+    f: GGUFFile, *, mode: str = "packed", dtype=jnp.float32, stack_layers: bool | None = None
+) -> Params:
+    """Upload the weights of an opened GGUF file to the default device.
+
+    mode: "packed" keeps matrices in their file format and dequantizes inside jit; "dense"
+    dequantizes every matrix once now to `dtype`. stack_layers: None = stack when possible.
+    """
+    if mode not in MODES:
+        raise InputError(f"weight mode '{mode}' is not one of {MODES}")
+    glob = _host_fields(f, None)
+    layers = [_host_fields(f, i) for i in range(f.config.n_layer)]
+    _layer0_dummy(f, layers)
+    can_stack = len({_signature(lay) for lay in layers}) == 1
+    if stack_layers and not can_stack:
+        raise InputError(f"{f.path}: layers use different tensor formats; they cannot be stacked")
+    if stack_layers is None:
+        stack_layers = can_stack
+    blocks: Block | tuple[Block, ...]
+    if stack_layers:
+        blocks = _build_block(layers)
+    else:
+        blocks = tuple(_build_block([lay]) for lay in layers)
+    params = Params(
+        emb=_weight(glob["emb"], glob["emb"].rows()),  # type: ignore[union-attr, arg-type]
+        ln0_w=jnp.asarray(glob["ln0_w"]),
+        ln0_b=jnp.asarray(glob["ln0_b"]),
+        blocks=blocks,
+        ln_out_w=jnp.asarray(glob["ln_out_w"]),
+        ln_out_b=jnp.asarray(glob["ln_out_b"]),
+        head=_weight(glob["head"], glob["head"].rows()),  # type: ignore[union-attr, arg-type]
+    )
+    if mode == "dense":
+        params = densify(params, dtype)
+    return params
+
+
+def densify(params: Params, dtype=jnp.float32) -> Params:
+    """Dequantize every matrix once (on the device) into a dense weight of `dtype`."""
+
+    def convert(w):
+        if isinstance(w, quant.Weight):
+            return quant.dense_weight(jax.jit(lambda w: w.dequantize(dtype))(w))
+        return w
+
+    return jax.tree.map(convert, params, is_leaf=lambda x: isinstance(x, quant.Weight))
+
+
+def nbytes(params: Params) -> int:
+    """Bytes of device memory held by the weights."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(params))

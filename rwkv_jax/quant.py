@@ -1,0 +1,572 @@
+"""Packed ggml weight formats as equinox pytrees, dequantized with pure jnp inside jit.
+
+One final class per ggml type. Each holds a 2-D weight of PyTorch shape (out, in) (ggml ne =
+[in, out]): a row is `in` contiguous values made of `in / BLOCK_ELEMS` blocks. The block bytes are
+split into the fields of the ggml C struct on the host (a numpy structured view of the raw
+bytes), so device code only shifts and masks integers and multiplies floats — no bitcasts.
+Block layouts: docs/rwkv7-spec.md §3 and ggml `src/ggml-common.h`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar, TypeVar, final
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from jax import lax
+
+from rwkv_jax.errors import GGUFError, UnsupportedTypeError
+
+Array = jax.Array
+W = TypeVar("W", bound="Weight")
+
+QK_K = 256  # elements in a K-quant super-block
+
+
+# ---------------------------------------------------------------------------------------------
+# Bit helpers (all integer ops are uint8/int8 shifts and masks; leading axes pass through)
+
+
+def _split_bits(a: Array, shifts: tuple[int, ...], mask: int, axis: int) -> Array:
+    """Extract `(a >> s) & mask` for each shift s, stacked on a new axis (-1 or -2)."""
+    return jnp.stack([(a >> s) & mask for s in shifts], axis=axis)
+
+
+def _flatten_last(a: Array, n: int) -> Array:
+    """Merge the last n axes of `a` into one."""
+    return a.reshape(a.shape[: a.ndim - n] + (-1,))
+
+
+def _nibbles(qs: Array) -> Array:
+    """Unpack [..., k] bytes to [..., 2k] nibbles: first all low nibbles, then all high ones."""
+    # [..., 2, k]: index (half, i) -> element half*k + i, the ggml q4 order
+    return _flatten_last(_split_bits(qs, (0, 4), 0xF, axis=-2), 2)
+
+
+def _crumbs(qs: Array) -> Array:
+    """Unpack [..., 32] bytes to [..., 4, 32] 2-bit values, shift 2j on row j."""
+    return _split_bits(qs, (0, 2, 4, 6), 0x3, axis=-2)
+
+
+def _bit_planes(qh: Array) -> Array:
+    """Unpack [..., 32] bytes to [..., 8, 32] bits: plane b holds bit b of every byte."""
+    return _split_bits(qh, tuple(range(8)), 0x1, axis=-2)
+
+
+def _f32(a: Array) -> Array:
+    """Exact widening of fp16 scales / small integers to float32."""
+    return a.astype(jnp.float32)
+
+
+def _scale_min_k4(scales: Array) -> tuple[Array, Array]:
+    """ggml get_scale_min_k4 for all 8 sub-blocks: [..., 12] bytes -> (sc, mn) [..., 8] uint8."""
+    # bytes 0-3: low 6 bits = sc[0:4], top 2 bits = sc[4:8] >> 4
+    # bytes 4-7: low 6 bits = mn[0:4], top 2 bits = mn[4:8] >> 4
+    # bytes 8-11: low nibble = sc[4:8] & 15, high nibble = mn[4:8] & 15
+    s0, s1, s2 = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
+    sc = jnp.concatenate([s0 & 63, (s2 & 0xF) | ((s0 >> 6) << 4)], axis=-1)
+    mn = jnp.concatenate([s1 & 63, (s2 >> 4) | ((s1 >> 6) << 4)], axis=-1)
+    return sc, mn
+
+
+# ---------------------------------------------------------------------------------------------
+# Base classes
+
+
+class Weight(eqx.Module):
+    """A weight [out, in] kept in one ggml format; array fields are the packed block fields."""
+
+    shape: tuple[int, int] = eqx.field(static=True)  # (out, in), PyTorch convention
+
+    GGML_TYPE: ClassVar[GGMLQuantizationType]
+    BLOCK: ClassVar[np.dtype]  # one block as a numpy structured dtype (the ggml C struct)
+    BLOCK_ELEMS: ClassVar[int]  # values per block
+
+    @abc.abstractmethod
+    def _decode(self) -> Array:
+        """All values [..., rows, in]: float32 for block formats, the stored dtype for dense."""
+
+    def dequantize(self, dtype=jnp.float32) -> Array:
+        """Unpack the whole weight to [..., out, in] in `dtype` (jit-safe)."""
+        return self._decode().astype(dtype)
+
+    def rows(self, idx: Array) -> Array:
+        """Dequantize only rows `idx` (any int shape) -> float32 [..., *idx.shape, in]."""
+
+        def take(path, a: Array) -> Array:
+            # the row axis sits before the block axis and the field's own per-block axes
+            name = path[-1].name
+            return jnp.take(a, idx, axis=a.ndim - 1 - self.BLOCK[name].ndim - 1)
+
+        picked = jax.tree_util.tree_map_with_path(take, self)
+        return picked._decode().astype(jnp.float32)
+
+    def matmul(self, x: Array) -> Array:
+        """x @ W^T: [..., in] -> [..., out] in x's dtype, accumulated in float32."""
+        w = self.dequantize(x.dtype)  # [out, in]
+        if w.ndim != 2:
+            raise ValueError(f"matmul needs an unstacked weight, got values of shape {w.shape}")
+        y = lax.dot_general(
+            x,
+            w,
+            (((x.ndim - 1,), (1,)), ((), ())),
+            precision=lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32,
+        )
+        return y.astype(x.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of packed device data (equals the GGUF tensor size for an unstacked weight)."""
+        return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self))
+
+    @property
+    def format_name(self) -> str:
+        """ggml type name, e.g. 'Q4_K'."""
+        return self.GGML_TYPE.name
+
+    @classmethod
+    def row_bytes(cls, n_in: int) -> int:
+        """Bytes of one packed row of `n_in` values."""
+        return n_in // cls.BLOCK_ELEMS * cls.BLOCK.itemsize
+
+    @classmethod
+    def leaf_ndim(cls) -> int:
+        """ndim of the first array field of an unstacked weight (to count stacked axes)."""
+        return 2 + cls.BLOCK[cls.BLOCK.names[0]].ndim  # [out, nb, *per-block shape]
+
+    @classmethod
+    def from_raw(
+        cls: type[W], raw: np.ndarray, shape: tuple[int, int], *, name: str = "<raw>"
+    ) -> W:
+        """Split raw ggml bytes into fields on the host.
+
+        raw: uint8, flat with exactly out*row_bytes bytes, or [*lead, out, row_bytes] where the
+        leading axes (e.g. layers) become leading axes of every field.
+        """
+        out, n_in = _check_raw(cls, raw, shape, name)
+        lead = raw.shape[:-2] if raw.ndim > 1 else ()
+        # [*lead, out, nb] records; field views are [*lead, out, nb, *field_shape] (zero-copy)
+        raw = np.ascontiguousarray(raw).reshape(*lead, out, cls.row_bytes(n_in))
+        rec = raw.view(cls.BLOCK)
+        # np.array copies to a contiguous array we own, so no device buffer can alias an mmap
+        fields = {f: jnp.asarray(np.array(rec[f])) for f in cls.BLOCK.names}
+        return cls(shape=(out, n_in), **fields)
+
+
+class _Blocked(Weight):
+    """A block-quantized format: values come from `_blocks()` [..., nb, BLOCK_ELEMS]."""
+
+    @abc.abstractmethod
+    def _blocks(self) -> Array:
+        """Unpack every block to float32 [..., rows, nb, BLOCK_ELEMS]."""
+
+    def _decode(self) -> Array:
+        """Blocks joined along each row: [..., rows, in]."""
+        return _flatten_last(self._blocks(), 2)
+
+
+class _Dense(Weight):
+    """An unquantized format: one array `w` [out, in] in its own dtype."""
+
+    w: eqx.AbstractVar[Array]
+    BLOCK_ELEMS = 1
+
+    def _decode(self) -> Array:
+        """The stored values as they are."""
+        return self.w
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense formats
+
+
+@final
+class F32(_Dense):
+    """ggml F32: IEEE binary32."""
+
+    w: Array  # f32 [out, in]
+    GGML_TYPE = GGMLQuantizationType.F32
+    BLOCK = np.dtype([("w", "<f4")])
+
+
+@final
+class F16(_Dense):
+    """ggml F16: IEEE binary16 (subnormals kept)."""
+
+    w: Array  # f16 [out, in]
+    GGML_TYPE = GGMLQuantizationType.F16
+    BLOCK = np.dtype([("w", "<f2")])
+
+
+@final
+class BF16(_Dense):
+    """ggml BF16: bfloat16 (top half of a binary32)."""
+
+    w: Array  # bf16 [out, in]
+    GGML_TYPE = GGMLQuantizationType.BF16
+    BLOCK = np.dtype([("w", ml_dtypes.bfloat16)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Legacy 32-element blocks: x = d * q (+ m)
+
+
+@final
+class Q4_0(_Blocked):
+    """block_q4_0 {f16 d; u8 qs[16]}: x = d * (nibble - 8)."""
+
+    d: Array  # f16 [out, nb]
+    qs: Array  # u8 [out, nb, 16]
+    GGML_TYPE = GGMLQuantizationType.Q4_0
+    BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
+    BLOCK_ELEMS = 32
+
+    def _blocks(self) -> Array:
+        """Dequantize blocks -> [..., nb, 32]."""
+        q = _nibbles(self.qs).astype(jnp.int8) - 8  # [..., nb, 32] in -8..7
+        return _f32(self.d)[..., None] * _f32(q)
+
+
+@final
+class Q4_1(_Blocked):
+    """block_q4_1 {f16 d; f16 m; u8 qs[16]}: x = d * nibble + m."""
+
+    d: Array  # f16 [out, nb]
+    m: Array  # f16 [out, nb]
+    qs: Array  # u8 [out, nb, 16]
+    GGML_TYPE = GGMLQuantizationType.Q4_1
+    BLOCK = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (16,))])
+    BLOCK_ELEMS = 32
+
+    def _blocks(self) -> Array:
+        """Dequantize blocks -> [..., nb, 32]."""
+        q = _f32(_nibbles(self.qs))  # [..., nb, 32] in 0..15
+        return _f32(self.d)[..., None] * q + _f32(self.m)[..., None]
+
+
+def _q5_values(qh: Array, qs: Array) -> Array:
+    """5-bit values [..., 32] of a q5_0/q5_1 block: nibble | (bit e of le32(qh)) << 4."""
+    # [..., 4, 8] -> [..., 32]: element 8*byte + bit, i.e. bit e of the little-endian u32
+    h = _flatten_last(_split_bits(qh, tuple(range(8)), 0x1, axis=-1), 2)
+    return _nibbles(qs) | (h << 4)
+
+
+@final
+class Q5_0(_Blocked):
+    """block_q5_0 {f16 d; u8 qh[4]; u8 qs[16]}: x = d * (q5 - 16)."""
+
+    d: Array  # f16 [out, nb]
+    qh: Array  # u8 [out, nb, 4]
+    qs: Array  # u8 [out, nb, 16]
+    GGML_TYPE = GGMLQuantizationType.Q5_0
+    BLOCK = np.dtype([("d", "<f2"), ("qh", "u1", (4,)), ("qs", "u1", (16,))])
+    BLOCK_ELEMS = 32
+
+    def _blocks(self) -> Array:
+        """Dequantize blocks -> [..., nb, 32]."""
+        q = _q5_values(self.qh, self.qs).astype(jnp.int8) - 16  # -16..15
+        return _f32(self.d)[..., None] * _f32(q)
+
+
+@final
+class Q5_1(_Blocked):
+    """block_q5_1 {f16 d; f16 m; u8 qh[4]; u8 qs[16]}: x = d * q5 + m."""
+
+    d: Array  # f16 [out, nb]
+    m: Array  # f16 [out, nb]
+    qh: Array  # u8 [out, nb, 4]
+    qs: Array  # u8 [out, nb, 16]
+    GGML_TYPE = GGMLQuantizationType.Q5_1
+    BLOCK = np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "u1", (4,)), ("qs", "u1", (16,))])
+    BLOCK_ELEMS = 32
+
+    def _blocks(self) -> Array:
+        """Dequantize blocks -> [..., nb, 32]."""
+        q = _f32(_q5_values(self.qh, self.qs))  # 0..31
+        return _f32(self.d)[..., None] * q + _f32(self.m)[..., None]
+
+
+@final
+class Q8_0(_Blocked):
+    """block_q8_0 {f16 d; i8 qs[32]}: x = d * qs."""
+
+    d: Array  # f16 [out, nb]
+    qs: Array  # i8 [out, nb, 32]
+    GGML_TYPE = GGMLQuantizationType.Q8_0
+    BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", (32,))])
+    BLOCK_ELEMS = 32
+
+    def _blocks(self) -> Array:
+        """Dequantize blocks -> [..., nb, 32]."""
+        return _f32(self.d)[..., None] * _f32(self.qs)
+
+
+# ---------------------------------------------------------------------------------------------
+# K-quants: super-blocks of 256 = 16 sub-blocks of 16 (Q2_K, Q3_K, Q6_K) or 8 of 32 (Q4_K, Q5_K)
+
+
+def _low_crumbs_16x16(qs: Array) -> Array:
+    """Q2_K/Q3_K 2-bit values: qs [..., 64] -> [..., 16, 16] (sub-block, element)."""
+    # [..., 2, 32] halves of 128 elements -> [..., 2, 4, 32] (half, shift j, l) -> 16 x 16
+    q = _crumbs(qs.reshape(qs.shape[:-1] + (2, 32)))
+    return q.reshape(q.shape[:-3] + (16, 16))
+
+
+@final
+class Q2_K(_Blocked):
+    """block_q2_K {u8 scales[16]; u8 qs[64]; f16 d; f16 dmin}: x = d*sc*q - dmin*mn."""
+
+    scales: Array  # u8 [out, nb, 16]: low nibble scale, high nibble min, per 16 elements
+    qs: Array  # u8 [out, nb, 64]
+    d: Array  # f16 [out, nb]
+    dmin: Array  # f16 [out, nb]
+    GGML_TYPE = GGMLQuantizationType.Q2_K
+    BLOCK = np.dtype([("scales", "u1", (16,)), ("qs", "u1", (64,)), ("d", "<f2"), ("dmin", "<f2")])
+    BLOCK_ELEMS = QK_K
+
+    def _blocks(self) -> Array:
+        """Dequantize super-blocks -> [..., nb, 256]."""
+        # per-sub-block scale and offset [..., nb, 16, 1], rounded to f32 first as ggml does
+        dl = (_f32(self.d)[..., None] * _f32(self.scales & 0xF))[..., None]
+        ml = (_f32(self.dmin)[..., None] * _f32(self.scales >> 4))[..., None]
+        q = _f32(_low_crumbs_16x16(self.qs))  # [..., nb, 16, 16]
+        return _flatten_last(dl * q - ml, 2)
+
+
+@final
+class Q3_K(_Blocked):
+    """block_q3_K {u8 hmask[32]; u8 qs[64]; u8 scales[12]; f16 d}: x = d*sc*(q2 - 4*!hbit)."""
+
+    hmask: Array  # u8 [out, nb, 32]: high bit of each 3-bit value (set = no -4 offset)
+    qs: Array  # u8 [out, nb, 64]: low 2 bits
+    scales: Array  # u8 [out, nb, 12]: 16 packed 6-bit signed scales
+    d: Array  # f16 [out, nb]
+    GGML_TYPE = GGMLQuantizationType.Q3_K
+    BLOCK = np.dtype(
+        [("hmask", "u1", (32,)), ("qs", "u1", (64,)), ("scales", "u1", (12,)), ("d", "<f2")]
+    )
+    BLOCK_ELEMS = QK_K
+
+    def _blocks(self) -> Array:
+        """Dequantize super-blocks -> [..., nb, 256]."""
+        # sub-block t: low 4 bits from nibbles of bytes 0-7, high 2 bits from bytes 8-11
+        lo = _nibbles(self.scales[..., :8])  # [..., nb, 16]
+        hi = _flatten_last(_crumbs(self.scales[..., 8:]), 2)  # [..., nb, 16]: t = 4*shift + k
+        sc = (lo | (hi << 4)).astype(jnp.int8) - 32  # -32..31
+        dl = (_f32(self.d)[..., None] * _f32(sc))[..., None]  # [..., nb, 16, 1]
+        q2 = _low_crumbs_16x16(self.qs).astype(jnp.int8)  # [..., nb, 16, 16]
+        # bit plane 4*half + j of hmask covers elements 32*(4*half + j) + l
+        hb = _bit_planes(self.hmask)  # [..., nb, 8, 32]
+        hb = hb.reshape(hb.shape[:-2] + (16, 16))
+        q = q2 - ((hb ^ 1) << 2).astype(jnp.int8)  # -4..3
+        return _flatten_last(dl * _f32(q), 2)
+
+
+def _q45k_scales(d: Array, dmin: Array, scales: Array) -> tuple[Array, Array]:
+    """Q4_K/Q5_K per-sub-block scale d*sc and offset dmin*mn, each f32 [..., nb, 8, 1]."""
+    sc, mn = _scale_min_k4(scales)
+    dl = _f32(d)[..., None] * _f32(sc)
+    ml = _f32(dmin)[..., None] * _f32(mn)
+    return dl[..., None], ml[..., None]
+
+
+def _q4k_nibbles(qs: Array) -> Array:
+    """Q4_K/Q5_K low nibbles: qs [..., 128] -> [..., 8, 32] (sub-block t = 2g + hi, l)."""
+    q = _split_bits(qs.reshape(qs.shape[:-1] + (4, 32)), (0, 4), 0xF, axis=-2)  # [..., 4, 2, 32]
+    return q.reshape(q.shape[:-3] + (8, 32))
+
+
+@final
+class Q4_K(_Blocked):
+    """block_q4_K {f16 d; f16 dmin; u8 scales[12]; u8 qs[128]}: x = d*sc*q - dmin*mn."""
+
+    d: Array  # f16 [out, nb]
+    dmin: Array  # f16 [out, nb]
+    scales: Array  # u8 [out, nb, 12]: 8 packed 6-bit (scale, min) pairs
+    qs: Array  # u8 [out, nb, 128]
+    GGML_TYPE = GGMLQuantizationType.Q4_K
+    BLOCK = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qs", "u1", (128,))])
+    BLOCK_ELEMS = QK_K
+
+    def _blocks(self) -> Array:
+        """Dequantize super-blocks -> [..., nb, 256]."""
+        dl, ml = _q45k_scales(self.d, self.dmin, self.scales)  # [..., nb, 8, 1]
+        q = _f32(_q4k_nibbles(self.qs))  # [..., nb, 8, 32]
+        return _flatten_last(dl * q - ml, 2)
+
+
+@final
+class Q5_K(_Blocked):
+    """block_q5_K {f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}: as Q4_K, 5-bit q."""
+
+    d: Array  # f16 [out, nb]
+    dmin: Array  # f16 [out, nb]
+    scales: Array  # u8 [out, nb, 12]
+    qh: Array  # u8 [out, nb, 32]: bit t of qh[l] is the 5th bit of element 32*t + l
+    qs: Array  # u8 [out, nb, 128]
+    GGML_TYPE = GGMLQuantizationType.Q5_K
+    BLOCK = np.dtype(
+        [
+            ("d", "<f2"),
+            ("dmin", "<f2"),
+            ("scales", "u1", (12,)),
+            ("qh", "u1", (32,)),
+            ("qs", "u1", (128,)),
+        ]
+    )
+    BLOCK_ELEMS = QK_K
+
+    def _blocks(self) -> Array:
+        """Dequantize super-blocks -> [..., nb, 256]."""
+        dl, ml = _q45k_scales(self.d, self.dmin, self.scales)  # [..., nb, 8, 1]
+        q = _q4k_nibbles(self.qs) | (_bit_planes(self.qh) << 4)  # [..., nb, 8, 32] in 0..31
+        return _flatten_last(dl * _f32(q) - ml, 2)
+
+
+@final
+class Q6_K(_Blocked):
+    """block_q6_K {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}: x = d*sc*(q6 - 32)."""
+
+    ql: Array  # u8 [out, nb, 128]: low 4 bits
+    qh: Array  # u8 [out, nb, 64]: high 2 bits
+    scales: Array  # i8 [out, nb, 16]
+    d: Array  # f16 [out, nb]
+    GGML_TYPE = GGMLQuantizationType.Q6_K
+    BLOCK = np.dtype(
+        [("ql", "u1", (128,)), ("qh", "u1", (64,)), ("scales", "i1", (16,)), ("d", "<f2")]
+    )
+    BLOCK_ELEMS = QK_K
+
+    def _blocks(self) -> Array:
+        """Dequantize super-blocks -> [..., nb, 256]."""
+        # low nibbles: per half of 128, [2 (low/high nibble), 64 (ql bytes)] = 4 runs of 32,
+        # run c = 2*nibble + (l >= 32) -> [..., 2, 2, 64] -> [..., 8, 32]
+        ql = self.ql.reshape(self.ql.shape[:-1] + (2, 64))
+        lo = _split_bits(ql, (0, 4), 0xF, axis=-2)
+        lo = lo.reshape(lo.shape[:-3] + (8, 32))
+        # high crumbs: per half, qh[32*half + l] >> 2c -> [..., 2, 4, 32] -> [..., 8, 32]
+        hi = _crumbs(self.qh.reshape(self.qh.shape[:-1] + (2, 32)))
+        hi = hi.reshape(hi.shape[:-3] + (8, 32))
+        q = (lo | (hi << 4)).astype(jnp.int8) - 32  # [..., nb, 8, 32] in -32..31
+        q = q.reshape(q.shape[:-2] + (16, 16))
+        dl = (_f32(self.d)[..., None] * _f32(self.scales))[..., None]  # [..., nb, 16, 1]
+        return _flatten_last(dl * _f32(q), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+FORMATS: dict[int, type[Weight]] = {
+    int(cls.GGML_TYPE): cls
+    for cls in (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
+}
+
+_REQUANT_HINT = (
+    "re-quantize from the F16/BF16/F32 GGUF to a supported type, "
+    "e.g. `llama-quantize model-f16.gguf model-q4_k_m.gguf Q4_K_M`"
+)
+
+
+def _type_name(ggml_type: int) -> str:
+    """ggml type name for messages ('unknown' for ids gguf does not know)."""
+    try:
+        return GGMLQuantizationType(ggml_type).name
+    except ValueError:
+        return "unknown"
+
+
+def block_info(ggml_type: int) -> tuple[int, int]:
+    """(elements, bytes) per block of any ggml type gguf knows, supported or not."""
+    try:
+        return GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except (ValueError, KeyError):
+        raise UnsupportedTypeError(
+            f"ggml type id {ggml_type} is unknown to gguf {_gguf_version()}; the file was written "
+            "by a newer tool or is corrupt"
+        ) from None
+
+
+def _gguf_version() -> str:
+    """Installed gguf package version, for messages."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "(unknown version)"
+
+
+def _check_raw(cls: type[Weight], raw: np.ndarray, shape: tuple[int, int], name: str):
+    """Validate raw bytes against (out, in) for format `cls`; return (out, in)."""
+    fmt = cls.GGML_TYPE.name
+    if len(shape) != 2 or any(int(s) <= 0 for s in shape):
+        raise GGUFError(f"tensor '{name}': expected a 2-D (out, in) shape, got {tuple(shape)}")
+    out, n_in = int(shape[0]), int(shape[1])
+    if n_in % cls.BLOCK_ELEMS:
+        raise GGUFError(
+            f"tensor '{name}' ({fmt}): row length {n_in} (ggml ne[0]) is not a multiple of the "
+            f"{fmt} block size {cls.BLOCK_ELEMS}; the file is malformed"
+        )
+    if raw.dtype != np.uint8:
+        raise GGUFError(f"tensor '{name}': raw data must be uint8 bytes, got {raw.dtype}")
+    row_bytes = cls.row_bytes(n_in)
+    if raw.ndim <= 1 and raw.size != out * row_bytes:
+        raise GGUFError(
+            f"tensor '{name}' ({fmt}, shape {out}x{n_in}) needs {out * row_bytes} bytes but "
+            f"{raw.size} were given; the file is truncated or its tensor table is wrong"
+        )
+    if raw.ndim > 1 and raw.shape[-2:] != (out, row_bytes):
+        raise GGUFError(
+            f"tensor '{name}' ({fmt}, shape {out}x{n_in}) needs bytes shaped [..., {out}, "
+            f"{row_bytes}] but got {raw.shape}; the file is truncated or its tensor table is wrong"
+        )
+    return out, n_in
+
+
+def weight_from_raw(raw: np.ndarray, ggml_type: int, shape: tuple[int, int], name: str) -> Weight:
+    """Build the packed weight for GGUF tensor `name` of ggml type `ggml_type` from its bytes."""
+    cls = FORMATS.get(int(ggml_type))
+    if cls is None:
+        supported = ", ".join(c.GGML_TYPE.name for c in FORMATS.values())
+        raise UnsupportedTypeError(
+            f"tensor '{name}' has ggml type {_type_name(ggml_type)} ({int(ggml_type)}), which "
+            f"rwkv_jax cannot unpack; supported: {supported}; {_REQUANT_HINT}"
+        )
+    return cls.from_raw(raw, shape, name=name)
+
+
+_DENSE_BY_DTYPE: dict[np.dtype, type[Weight]] = {
+    np.dtype(np.float32): F32,
+    np.dtype(np.float16): F16,
+    np.dtype(ml_dtypes.bfloat16): BF16,
+}
+
+
+def dense_weight(w: Array) -> Weight:
+    """Wrap dense values [..., out, in] (float32/float16/bfloat16) as an F32/F16/BF16 weight."""
+    cls = _DENSE_BY_DTYPE.get(np.dtype(w.dtype))
+    if cls is None or w.ndim < 2:
+        raise ValueError(
+            f"dense_weight needs float32/16 or bfloat16 [..., out, in], got {w.dtype} {w.shape}"
+        )
+    return cls(shape=(int(w.shape[-2]), int(w.shape[-1])), w=w)  # type: ignore[call-arg]
+
+
+def stack(weights: list[W]) -> W:
+    """Stack same-format, same-shape weights along a new leading axis (for lax.scan)."""
+    if not weights:
+        raise ValueError("stack needs at least one weight")
+    first = weights[0]
+    for i, w in enumerate(weights[1:], start=1):
+        if type(w) is not type(first) or w.shape != first.shape:
+            raise ValueError(
+                f"cannot stack weight {i} ({w.format_name} {w.shape}) with weight 0 "
+                f"({first.format_name} {first.shape}): formats and shapes must match"
+            )
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *weights)
