@@ -128,6 +128,8 @@ class Model:
     def _tokens(self, tokens) -> np.ndarray:
         """Tokens as int32 [B, T], range-checked."""
         arr = np.asarray(tokens)
+        if arr.size == 0:
+            raise InputError("no tokens to feed: the prompt is empty")
         if arr.ndim == 1:
             arr = arr[None, :]
         if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):

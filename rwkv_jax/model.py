@@ -37,12 +37,17 @@ class LayerState(NamedTuple):
     wkv: Array  # [B, H, N, N] float32
 
 
+def lead(v: Array, ndim: int) -> Array:
+    """Explicit broadcast of a weight vector/matrix to `ndim` dims (leading axes of size 1)."""
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
 def layer_norm(x: Array, w: Array, b: Array, eps: float) -> Array:
     """LN over the last axis with biased variance (PyTorch semantics), in float32."""
     x = x.astype(jnp.float32)
     mu = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
-    return (x - mu) * lax.rsqrt(var + eps) * w + b
+    return (x - mu) * lax.rsqrt(var + eps) * lead(w, x.ndim) + lead(b, x.ndim)
 
 
 def group_norm(y: Array, w: Array, b: Array, eps: float) -> Array:
@@ -50,7 +55,7 @@ def group_norm(y: Array, w: Array, b: Array, eps: float) -> Array:
     mu = jnp.mean(y, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(y - mu), axis=-1, keepdims=True)
     yn = ((y - mu) * lax.rsqrt(var + eps)).reshape(*y.shape[:-2], -1)  # [..., C]
-    return yn * w + b
+    return yn * lead(w, yn.ndim) + lead(b, yn.ndim)
 
 
 def token_shift(u: Array, prev: Array, lengths: Array) -> tuple[Array, Array]:
@@ -94,24 +99,26 @@ def time_mix(
     H, N = cfg.n_head, cfg.head_size
     u = layer_norm(x, blk.ln1_w, blk.ln1_b, cfg.layer_norm_eps)  # [B, T, C]
     d, att_shift = token_shift(u, st.att_shift, lengths)
-    xr, xw, xk, xv, xa, xg = (u + d * blk.x_rwkvag[i] for i in range(6))
+    xr, xw, xk, xv, xa, xg = (u + d * lead(blk.x_rwkvag[i], 3) for i in range(6))
 
     r = matmul(blk.receptance, xr, dtype)
     k = matmul(blk.key, xk, dtype)
     v = matmul(blk.value, xv, dtype)
-    z = blk.w0 + lora(xw, blk.w1, blk.w2, dtype, jnp.tanh)  # decay pre-activation
+    z = lead(blk.w0, 3) + lora(xw, blk.w1, blk.w2, dtype, jnp.tanh)  # decay pre-activation
     log_decay = -DECAY_SCALE * jax.nn.sigmoid(z)  # ld in (-0.6065, 0)
-    a = jax.nn.sigmoid(blk.a0 + lora(xa, blk.a1, blk.a2, dtype))  # in-context learning rate
+    a = jax.nn.sigmoid(
+        lead(blk.a0, 3) + lora(xa, blk.a1, blk.a2, dtype)
+    )  # in-context learning rate
     g = lora(xg, blk.g1, blk.g2, dtype, jax.nn.sigmoid)  # output gate (no squash after g2)
 
     # value residual: layer 0 sets v_first = v, which makes the mix below an exact no-op there
     v_first = jnp.where(is_first, v, v_first)
-    v = v + (v_first - v) * jax.nn.sigmoid(blk.v0 + lora(xv, blk.v1, blk.v2, dtype))
+    v = v + (v_first - v) * jax.nn.sigmoid(lead(blk.v0, 3) + lora(xv, blk.v1, blk.v2, dtype))
 
     heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731  [B, T, C] -> [B, T, H, N]
-    kk = heads(k * blk.k_k)  # removal key from k *before* the k_a rescale
+    kk = heads(k * lead(blk.k_k, 3))  # removal key from k *before* the k_a rescale
     kk = kk / jnp.maximum(jnp.linalg.norm(kk, axis=-1, keepdims=True), L2_EPS)
-    k = k * (1 + (a - 1) * blk.k_a)
+    k = k * (1 + (a - 1) * lead(blk.k_a, 3))
 
     # padded positions (beyond each row's length) must not touch the state: v = beta = 0, ld = 0
     m = valid[:, :, None, None]
@@ -126,7 +133,7 @@ def time_mix(
     )
 
     out = group_norm(y, blk.ln_x_w, blk.ln_x_b, cfg.group_norm_eps)  # [B, T, C]
-    bonus = jnp.sum(heads(r) * heads(k) * blk.r_k, axis=-1, keepdims=True)  # [B, T, H, 1]
+    bonus = jnp.sum(heads(r) * heads(k) * lead(blk.r_k, 4), axis=-1, keepdims=True)  # [B, T, H, 1]
     out = out + (bonus * heads(v)).reshape(B, T, C)
     return matmul(blk.output, out * g, dtype), v_first, att_shift, S
 
@@ -137,7 +144,9 @@ def channel_mix(
     """FFN of one layer: value(relu(key(lerp))^2); returns (out, ffn_shift)."""
     u = layer_norm(x, blk.ln2_w, blk.ln2_b, cfg.layer_norm_eps)
     d, ffn_shift = token_shift(u, prev, lengths)
-    h = jnp.square(jax.nn.relu(matmul(blk.ffn_key, u + d * blk.ffn_x_k, dtype)))  # [B, T, F]
+    h = jnp.square(
+        jax.nn.relu(matmul(blk.ffn_key, u + d * lead(blk.ffn_x_k, 3), dtype))
+    )  # [B, T, F]
     return matmul(blk.ffn_value, h, dtype), ffn_shift
 
 

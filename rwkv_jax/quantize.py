@@ -64,9 +64,7 @@ _FTYPE_DEFAULT_TYPE: dict[str, T] = {
 # llama-quant.cpp tensor_allows_quantization: RWKV's "small yet 2D weights" (substring match).
 _RWKV_NO_QUANT = tuple(
     f"time_mix_{n}.weight"
-    for n in (
-        "first w0 w1 w2 v0 v1 v2 a0 a1 a2 g1 g2 decay_w1 decay_w2 lerp_fused".split()
-    )
+    for n in ("first w0 w1 w2 v0 v1 v2 a0 a1 a2 g1 g2 decay_w1 decay_w2 lerp_fused".split())
 )
 # convert_hf_to_gguf prepare_tensors: MODEL_TENSOR kinds always written as F32 (RWKV subset).
 _CONVERTER_F32 = re.compile(
@@ -109,6 +107,7 @@ def _make_qkx2_quants(
         best_err = tmp.sum(axis=0)
         l_iscale, l_min = iscale, xmin
         cur_min = xmin  # C's `min`: updated when a candidate wins, then used by later steps
+        wl = np.empty_like(xt)
         for step in range(nstep + 1):
             # C evaluates (rmin + rdelta*is) + nmax in float
             num = f32(f32(rmin) + f32(rdelta) * f32(step)) + nmax32
@@ -117,7 +116,7 @@ def _make_qkx2_quants(
             t *= iscale
             np.rint(t, out=t)
             np.clip(t, 0, nmax32, out=t)
-            wl = wt * t
+            np.multiply(wt, t, out=wl)
             sum_l = wl.sum(axis=0)
             np.multiply(wl, t, out=tmp)
             sum_l2 = tmp.sum(axis=0)
@@ -146,10 +145,11 @@ def _make_qkx2_quants(
     return scale, -cur_min, l_iscale, l_min
 
 
-def _make_qx_quants_rmse1(xt: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+def _make_qx_quants_rmse1(xt: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """make_qx_quants(rmse_type=1): symmetric scale search weighted by x², 19 candidates.
 
-    xt: [n, S]. Returns (scale, l_iscale), each [S]; L = clip(rint(l_iscale·x), -nmax, nmax-1).
+    xt: [n, S]. Returns (scale, l_iscale, zero), each [S]: L = clip(rint(l_iscale·x), -nmax,
+    nmax-1) + nmax, except all-zero sub-blocks (`zero`), whose L the reference sets to 0.
     """
     imax = np.abs(xt).argmax(axis=0)  # first index of max |x|, like the C strict '>'
     vmax = np.take_along_axis(xt, imax[None, :], axis=0)[0]  # signed value of largest |x|
@@ -184,7 +184,7 @@ def _make_qx_quants_rmse1(xt: np.ndarray, nmax: int) -> tuple[np.ndarray, np.nda
             scale = np.where(better, sumlx / suml2, scale)
             best = np.where(better, scale * sumlx, best)
             l_iscale = np.where(better, iscale, l_iscale)
-    return np.where(zero, f32(0), scale), np.where(zero, f32(0), l_iscale)
+    return np.where(zero, f32(0), scale), l_iscale, zero
 
 
 def _to_sub_major(blocks: np.ndarray, sub: int) -> np.ndarray:
@@ -207,7 +207,7 @@ def _check_finite(d: np.ndarray, qtype: str) -> None:
 
 
 def _fp16_bytes(v: np.ndarray) -> np.ndarray:
-    """[nb] float → [nb, 2] little-endian fp16 bytes (round-to-nearest-even, as GGML_FP32_TO_FP16)."""
+    """[nb] float → [nb, 2] little-endian fp16 bytes (round to nearest even, as ggml)."""
     return v.astype(np.float16).view(np.uint8).reshape(-1, 2)
 
 
@@ -243,7 +243,7 @@ def _kx_scales_mins(
 
 def _quantize_kx(
     blocks: np.ndarray, nmax: int, search: bool, rmin: float, nstep: int, name: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Common Q4_K/Q5_K body: returns (header [nb, 16] = d, dmin, scales[12]; L [nb, 8, 32])."""
     nb = blocks.shape[0]
     scales, mins, l_search = _kx_scales_mins(blocks, nmax, search, rmin, nstep)
@@ -252,13 +252,13 @@ def _quantize_kx(
     with np.errstate(divide="ignore", invalid="ignore"):
         inv_scale = np.where(max_scale > 0, f32(63) / max_scale, f32(0))
         inv_min = np.where(max_min > 0, f32(63) / max_min, f32(0))
-    # uint8_t ls = nearest_int(..); MIN(63, ls): the int wraps to 8 bits before the MIN
-    ls = np.minimum(np.rint(inv_scale[:, None] * scales).astype(np.int32) & 0xFF, 63)
-    lm = np.minimum(np.rint(inv_min[:, None] * mins).astype(np.int32) & 0xFF, 63)
     d = (max_scale / f32(63)).astype(np.float16)
     dmin = (max_min / f32(63)).astype(np.float16)
     _check_finite(d, name)
     _check_finite(dmin, name)
+    # uint8_t ls = nearest_int(..); MIN(63, ls): the int wraps to 8 bits before the MIN
+    ls = np.minimum(np.rint(inv_scale[:, None] * scales).astype(np.int32) & 0xFF, 63)
+    lm = np.minimum(np.rint(inv_min[:, None] * mins).astype(np.int32) & 0xFF, 63)
     header = np.empty((nb, 16), np.uint8)
     header[:, 0:2] = d.view(np.uint8).reshape(nb, 2)
     header[:, 2:4] = dmin.view(np.uint8).reshape(nb, 2)
@@ -278,7 +278,7 @@ def _quantize_kx(
     if zero_d.any():
         keep = l_search if l_search is not None else np.zeros_like(lq)
         lq = np.where(zero_d[:, :, None], keep, lq)
-    return header, d_sub, lq.astype(np.uint8)
+    return header, lq.astype(np.uint8)
 
 
 def _pack_nibbles(lq: np.ndarray) -> np.ndarray:
@@ -288,16 +288,16 @@ def _pack_nibbles(lq: np.ndarray) -> np.ndarray:
     return (pairs[:, :, 0, :] | (pairs[:, :, 1, :] << 4)).reshape(nb, 128)
 
 
-def quantize_q4_k(blocks: np.ndarray, search: bool = True) -> np.ndarray:
+def _quantize_q4_k(blocks: np.ndarray, search: bool = True) -> np.ndarray:
     """quantize_row_q4_K_ref: [nb, 256] float32 → [nb, 144] block_q4_K bytes."""
-    header, _, lq = _quantize_kx(blocks, 15, search, -1.0, 20, "Q4_K")
+    header, lq = _quantize_kx(blocks, 15, search, -1.0, 20, "Q4_K")
     return np.concatenate([header, _pack_nibbles(lq)], axis=1)
 
 
-def quantize_q5_k(blocks: np.ndarray, search: bool = True) -> np.ndarray:
+def _quantize_q5_k(blocks: np.ndarray, search: bool = True) -> np.ndarray:
     """quantize_row_q5_K_ref: [nb, 256] float32 → [nb, 176] block_q5_K bytes."""
     # the reference searches Q5_K with rmin=-0.5, nstep=15 (Q4_K: -1, 20)
-    header, _, lq = _quantize_kx(blocks, 31, search, -0.5, 15, "Q5_K")
+    header, lq = _quantize_kx(blocks, 31, search, -0.5, 15, "Q5_K")
     nb = lq.shape[0]
     qh = np.zeros((nb, 32), np.uint8)
     for t in range(8):  # bit t of qh[l]: high bit of element 32t+l
@@ -310,17 +310,18 @@ def quantize_q5_k(blocks: np.ndarray, search: bool = True) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def quantize_q6_k(blocks: np.ndarray, search: bool = True) -> np.ndarray:
+def _quantize_q6_k(blocks: np.ndarray, search: bool = True) -> np.ndarray:
     """quantize_row_q6_K_ref: [nb, 256] float32 → [nb, 210] block_q6_K bytes."""
     nb = blocks.shape[0]
     l_search = None
     if search:
         xt = _to_sub_major(blocks, 16)  # [16, nb·16]
-        scale, l_iscale = _make_qx_quants_rmse1(xt, 32)
+        scale, l_iscale, zero = _make_qx_quants_rmse1(xt, 32)
         xt *= l_iscale
         np.rint(xt, out=xt)
         np.clip(xt, -32, 31, out=xt)
         xt += 32
+        xt[:, zero] = 0
         l_search = _from_sub_major(xt, nb)  # [nb, 16, 16]
         scales = scale.reshape(nb, 16)
     else:
@@ -371,8 +372,12 @@ def _legacy(cls: type) -> Callable[[np.ndarray, bool], np.ndarray]:
     def quantize(blocks: np.ndarray, search: bool) -> np.ndarray:
         """Block bytes from gguf.quants; non-finite scales raise InputError."""
         del search  # the legacy references have no search
-        _check_finite(np.abs(blocks).max(axis=1), cls.__name__)
-        return cls.quantize_blocks(blocks)
+        with np.errstate(invalid="ignore"):  # NaN input: reported just below instead
+            out = cls.quantize_blocks(blocks)
+        # every legacy block starts with fp16 d (the *_1 types follow it with fp16 m)
+        n_half = 2 if cls in (gguf.quants.Q4_1, gguf.quants.Q5_1) else 1
+        _check_finite(np.ascontiguousarray(out[:, : 2 * n_half]).view(np.float16), cls.__name__)
+        return out
 
     return quantize
 
@@ -401,9 +406,9 @@ _QUANTIZERS: dict[T, Callable[[np.ndarray, bool], np.ndarray]] = {
     T.Q5_0: _legacy(gguf.quants.Q5_0),
     T.Q5_1: _legacy(gguf.quants.Q5_1),
     T.Q8_0: _legacy(gguf.quants.Q8_0),
-    T.Q4_K: quantize_q4_k,
-    T.Q5_K: quantize_q5_k,
-    T.Q6_K: quantize_q6_k,
+    T.Q4_K: _quantize_q4_k,
+    T.Q5_K: _quantize_q5_k,
+    T.Q6_K: _quantize_q6_k,
 }
 
 
@@ -417,6 +422,13 @@ def _ggml_type(qtype: int) -> T:
         names = ", ".join(k.name for k in _QUANTIZERS)
         raise UnsupportedTypeError(f"cannot quantize to {t.name}; supported: {names}")
     return t
+
+
+def _n_cores() -> int:
+    """CPU cores this process may run on (affinity-aware where the OS reports it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def quantize_array(x: np.ndarray, qtype: int, *, search: bool = True) -> np.ndarray:
@@ -447,7 +459,7 @@ def quantize_array(x: np.ndarray, qtype: int, *, search: bool = True) -> np.ndar
         blocks = np.asarray(x[a:b], dtype=f32).reshape(-1, blk)
         out[a:b] = fn(blocks, search).reshape(b - a, row_bytes)
 
-    workers = min(os.cpu_count() or 1, len(starts))
+    workers = min(_n_cores(), len(starts))
     if workers <= 1:
         for a in starts:
             run(a)
@@ -544,7 +556,10 @@ def _open_reader(src: str) -> gguf.GGUFReader:
 
 def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, ftype_id: int) -> None:
     """Copy every KV pair (typed as in the source), updating file_type and quantization_version."""
-    overrides = {"general.file_type": ftype_id, "general.quantization_version": QUANTIZATION_VERSION}
+    overrides = {
+        "general.file_type": ftype_id,
+        "general.quantization_version": QUANTIZATION_VERSION,
+    }
     V = gguf.GGUFValueType
     for key, field in reader.fields.items():
         # GGUF.* are the reader's header pseudo-keys; the writer emits the architecture itself
@@ -558,7 +573,9 @@ def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, ftype_id: i
             writer.add_key_value(key, field.parts[field.data[0]].tobytes(), V.STRING)
         elif vtype == V.ARRAY:
             if len(field.types) < 2:
-                raise GGUFError(f"metadata key {key!r} is an empty array, which gguf-py cannot write")
+                raise GGUFError(
+                    f"metadata key {key!r} is an empty array, which gguf-py cannot write"
+                )
             sub = field.types[1]
             if sub == V.ARRAY:
                 raise GGUFError(f"metadata key {key!r} is a nested array, which is not supported")
@@ -576,7 +593,7 @@ def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, ftype_id: i
 
 
 def _convert_tensor(t: gguf.ReaderTensor, ne: tuple[int, ...], dst: T) -> np.ndarray:
-    """Bytes of tensor t in type dst: raw copy if unchanged, else dequantize → quantize in batches."""
+    """Bytes of tensor t in type dst: raw copy if unchanged, else dequantize → quantize."""
     src = T(int(t.tensor_type))
     if dst == src:
         return t.data.reshape(-1).view(np.uint8)

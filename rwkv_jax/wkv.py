@@ -202,7 +202,7 @@ def chunk_state_pass(S: Array, c: ChunkIntra) -> tuple[Array, Array]:
     )
     # S_L = S₀·diag(e^{G_L}) + vᵀ(k ⊙ e^{G_L−G}) + ṽᵀ(β ⊙ e^{G_L−G}), [..., N value, N key]
     S = (
-        S
+        S * c.decay_L[..., None, :]
         + _einsum("...iv,...ik->...vk", c.v, c.k_g)
         + _einsum("...iv,...ik->...vk", v_tilde, c.beta_g)
     )
