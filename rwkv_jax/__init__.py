@@ -16,7 +16,7 @@ from rwkv_jax.errors import (
     StateError,
     UnsupportedTypeError,
 )
-from rwkv_jax.generate import Model, decode_step, load, prefill_call
+from rwkv_jax.generate import Model, decode_step, from_gguf, load, prefill_call
 from rwkv_jax.gguf import GGUFFile, ModelConfig
 from rwkv_jax.model import forward
 from rwkv_jax.params import Params, load_params

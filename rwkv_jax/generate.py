@@ -144,29 +144,41 @@ class Model:
         return arr.astype(np.int32)
 
     def forward(
-        self, tokens, state: State | None = None, *, all_logits: bool = False
+        self,
+        tokens,
+        state: State | None = None,
+        *,
+        all_logits: bool = False,
+        lengths: Sequence[int] | None = None,
     ) -> tuple[Array, State]:
-        """Feed tokens ([T] or [B, T]); logits of the last token [B, V] (or [B, T, V]) + state."""
+        """Feed tokens ([T] or [B, T]); logits of the last token [B, V] (or [B, T, V]) + state.
+
+        `lengths` (ragged batches): row b uses only tokens[b, :lengths[b]]; the padding after it
+        never reaches its state, and its logits are those of its own last token.
+        """
         toks = self._tokens(tokens)
         B, T = toks.shape
         if state is None:
             state = self.new_state(B)
         if state.batch != B:
             raise InputError(f"state holds {state.batch} sequences but tokens have {B} rows")
-        if T == 0:
-            raise InputError("no tokens to feed: the prompt is empty")
+        lens = np.full((B,), T, np.int64) if lengths is None else np.asarray(lengths, np.int64)
+        if lens.shape != (B,) or lens.min() < 1 or lens.max() > T:
+            raise InputError(
+                f"lengths must give 1..{T} tokens for each of the {B} rows, got {lens.tolist()}"
+            )
         span = self.chunk_size * self.chunks_per_call
         outs, last = [], None
-        for s in range(0, T, span):
+        for s in range(0, int(lens.max()), span):
             piece = toks[:, s : s + span]
             n = piece.shape[1]
             padded = np.zeros((B, span), np.int32)
             padded[:, :n] = piece
-            lengths = jnp.full((B,), n, jnp.int32)
+            piece_lens = np.clip(lens - s, 0, n).astype(np.int32)
             logits, state = prefill_call(
                 self.params,
                 jnp.asarray(padded),
-                lengths,
+                jnp.asarray(piece_lens),
                 state,
                 cfg=self.config,
                 chunk_size=self.chunk_size,
@@ -176,8 +188,9 @@ class Model:
             )
             if all_logits:
                 outs.append(logits[:, :n])
-            else:
-                last = logits
+            else:  # rows that ended in an earlier piece keep their logits from there
+                has = jnp.asarray(piece_lens > 0)[:, None]
+                last = logits if last is None else jnp.where(has, logits, last)
         return (jnp.concatenate(outs, axis=1) if all_logits else last), state
 
     def step(self, tokens, state: State) -> tuple[Array, State]:
@@ -220,8 +233,13 @@ class Model:
         return "".join(pieces)
 
 
-def load(
-    path: str | os.PathLike[str],
+def load(path: str | os.PathLike[str], **options) -> Model:
+    """Open a `.gguf` file and put its weights on the default device (options: `from_gguf`)."""
+    return from_gguf(GGUFFile(path), **options)
+
+
+def from_gguf(
+    f: GGUFFile,
     *,
     mode: str = "packed",
     dtype: str = "float32",
@@ -229,13 +247,19 @@ def load(
     chunks_per_call: int = 16,
     wkv_impl: str = "chunked",
 ) -> Model:
-    """Open a `.gguf` file and put its weights on the default device (see `Model`)."""
+    """Build a `Model` from an opened file: upload weights, build the tokenizer.
+
+    mode: "packed" (dequantize inside jit) or "dense" (dequantize once now); dtype: compute
+    dtype of the matrix products; chunk_size: prefill chunk length (16, 32 or 64);
+    chunks_per_call: chunks per compiled prefill call; wkv_impl: "chunked" or "sequential".
+    """
     if dtype not in DTYPES:
         raise InputError(f"dtype '{dtype}' is not one of {list(DTYPES)}")
     if chunk_size not in (16, 32, 64):
         raise InputError(f"chunk_size {chunk_size} must be 16, 32 or 64")
+    if chunks_per_call < 1:
+        raise InputError(f"chunks_per_call {chunks_per_call} must be at least 1")
     _wkv_fn(wkv_impl)
-    f = GGUFFile(path)
     params = load_params(f, mode=mode, dtype=DTYPES[dtype])
     tok = Tokenizer.from_gguf(
         f.metadata.get("tokenizer.ggml.tokens") or [], f.metadata.get("tokenizer.ggml.token_type")
