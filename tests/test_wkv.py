@@ -10,6 +10,10 @@ import pytest
 
 from rwkv_jax.errors import InputError
 from rwkv_jax.wkv import (
+    cumulative_log_decay,
+    forward_substitution,
+    intra_chunk_matrices,
+    triangular_solve,
     wkv7_chunk,
     wkv7_chunked,
     wkv7_sequential,
@@ -21,10 +25,11 @@ B, H, N = 2, 2, 64  # small batch/heads, the real head size
 
 # Error bound, relative to the reference's largest |value| (the state can grow to ~60 and y to
 # ~300 when decay is ~1). Every output is a sum of N=64 fp32 products of a state that carries
-# the rounding of all T earlier steps; decay ≤ 1 and I − a·kk kkᵀ are contractions, so those
-# roundings (2^-24 ≈ 6e-8 each) add up at worst like a random walk, sqrt(T·N)·6e-8 ≈ 1.5e-5 at
-# T=1000. Measured: ≤ 1e-6 relative for the sequential and the chunked paths at every L. A wrong
-# term (sign, old/new state, missing decay) gives errors of order 1.
+# the rounding of all T earlier steps; decay ≤ 1 and I − a·kk kkᵀ are contractions, so old
+# roundings (2^-24 ≈ 6e-8 each) are not amplified and add up like a random walk,
+# ~sqrt(T·N)·6e-8 ≈ 1.5e-5 at T=1000. Measured: ≤ 1.5e-6 relative for the sequential and the
+# chunked paths at every L, on CPU and on an H200. A wrong term (sign, old vs new state, a
+# missing decay) gives errors of order 1.
 RTOL = 2e-5
 
 jit_sequential = jax.jit(wkv7_sequential)
@@ -164,6 +169,23 @@ def test_one_chunk_matches_reference(L: int) -> None:
     assert_close(S, S_ref, "S")
 
 
+@pytest.mark.parametrize("solve", [forward_substitution, triangular_solve])
+@pytest.mark.parametrize("case", ["random", "repeated_kk"])
+def test_unit_lower_solvers(case: str, solve: object) -> None:
+    """Both (I − Aab)⁻¹ paths (CPU/other: forward substitution; CUDA: trsm) match float64."""
+    _, r, k, _, alpha, beta, ld = make_inputs(11, 64, case)
+    # per-head [B, H, L, N] inputs give a realistic Aab [B, H, 64, 64]
+    x = [jnp.asarray(np.swapaxes(t, 1, 2), jnp.float32) for t in (r, k, alpha, beta, ld)]
+    G, G_hat = cumulative_log_decay(x[4])
+    Aab = intra_chunk_matrices(x[0], x[1], x[2], x[3], G, G_hat)[3]
+    rhs = jnp.asarray(np.random.default_rng(12).normal(size=(B, H, 64, 2 * N)), jnp.float32)
+    X = jax.jit(solve)(Aab, rhs)  # type: ignore[arg-type]
+    M = np.eye(64) - np.asarray(Aab, np.float64)
+    X_ref = np.linalg.solve(M, np.asarray(rhs, np.float64))
+    # |X| stays O(10) (M is well conditioned, unit diagonal); a few hundred fp32 ulps of slack
+    assert_close(X, X_ref, "X")
+
+
 @pytest.mark.parametrize("chunk_size", [16, 64])
 def test_split_invariance(chunk_size: int) -> None:
     """chunked(a+b) == chunked(b, state=chunked(a).state), split off chunk boundaries."""
@@ -217,5 +239,7 @@ def test_shape_mismatch_raises() -> None:
     S0, r, k, v, alpha, beta, ld = to_jax(make_inputs(10, 5))
     with pytest.raises(InputError, match="do not match state"):
         wkv7_sequential(S0[:, :1], r, k, v, alpha, beta, ld)
+    with pytest.raises(InputError, match=r"must be \[B, T, H, N\]"):
+        wkv7_sequential(S0, r[:, 0], k[:, 0], v[:, 0], alpha[:, 0], beta[:, 0], ld[:, 0])
     with pytest.raises(InputError, match="ld has shape"):
         partial(wkv7_chunked, chunk_size=16)(S0, r, k, v, alpha, beta, ld[:, :4])
