@@ -45,18 +45,42 @@ def _time(fn, repeats: int) -> list[float]:
     return out
 
 
-def measure(path: str, *, mode: str, dtype: str, chunk: int, cpc: int, impl: str,
-            pp: list[int], tg: int, repeats: int) -> dict:
+def measure(
+    path: str,
+    *,
+    mode: str,
+    dtype: str,
+    chunk: int,
+    cps: int,
+    cpc: int,
+    impl: str,
+    pp: list[int],
+    tg: int,
+    repeats: int,
+) -> dict:
     """All figures for one configuration of one file."""
-    r: dict = {"mode": mode, "dtype": dtype, "chunk": chunk, "chunks_per_call": cpc,
-               "impl": impl}
+    r: dict = {
+        "mode": mode,
+        "dtype": dtype,
+        "chunk": chunk,
+        "chunks_per_step": cps,
+        "chunks_per_call": cpc,
+        "impl": impl,
+    }
     t0 = time.perf_counter()
     f = GGUFFile(path)
     r["header_s"] = time.perf_counter() - t0
     r["file_bytes"] = os.path.getsize(path)
     t0 = time.perf_counter()
-    model = rwkv_jax.from_gguf(f, mode=mode, dtype=dtype, chunk_size=chunk,
-                               chunks_per_call=cpc, wkv_impl=impl)
+    model = rwkv_jax.from_gguf(
+        f,
+        mode=mode,
+        dtype=dtype,
+        chunk_size=chunk,
+        chunks_per_call=cpc,
+        chunks_per_step=cps,
+        wkv_impl=impl,
+    )
     jax.block_until_ready(model.params)
     r["load_s"] = time.perf_counter() - t0
     r["weight_bytes"] = nbytes(model.params)
@@ -75,9 +99,11 @@ def measure(path: str, *, mode: str, dtype: str, chunk: int, cpc: int, impl: str
     r["compile_decode_s"] = time.perf_counter() - t0
 
     for n in pp:
+
         def run(n=n):
             lg, _ = model.forward(toks[:n])
             np.asarray(lg)
+
         run()
         ts = _time(run, repeats)
         r[f"pp{n}_tok_s"] = n / statistics.median(ts)
@@ -102,7 +128,6 @@ def measure(path: str, *, mode: str, dtype: str, chunk: int, cpc: int, impl: str
     r["decode_ms"] = 1e3 * statistics.median(ts) / tg
     r["decode_GBps"] = (r["weight_bytes"] - _emb_bytes(model)) / (r["decode_ms"] / 1e3) / 1e9
     r["mem_end"] = _mem()
-    del model, state, logits
     return r
 
 
@@ -119,30 +144,57 @@ def main() -> None:
     p.add_argument("--pp", default="512,4096")
     p.add_argument("--tg", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variants", default="packed:float32:16:16:chunked",
-                   help="comma list of mode:dtype:chunk:chunks_per_call:impl")
+    p.add_argument(
+        "--variants",
+        default="packed:float32:16:32:256:chunked",
+        help="comma list of mode:dtype:chunk:chunks_per_step:chunks_per_call:impl",
+    )
     p.add_argument("--out", default="")
     a = p.parse_args()
     path = a.model or synth.ensure(a.preset, a.type, 0)
     dev = jax.devices()[0]
-    results = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
-               "model": os.path.basename(path), "runs": []}
+    results = {
+        "device": dev.device_kind,
+        "platform": dev.platform,
+        "jax": jax.__version__,
+        "model": os.path.basename(path),
+        "runs": [],
+    }
     print(f"{results['device']} ({dev.platform}), jax {jax.__version__}, {path}", flush=True)
     for v in a.variants.split(","):
-        mode, dtype, chunk, cpc, impl = v.split(":")
-        r = measure(path, mode=mode, dtype=dtype, chunk=int(chunk), cpc=int(cpc), impl=impl,
-                    pp=[int(x) for x in a.pp.split(",")], tg=a.tg, repeats=a.repeats)
+        mode, dtype, chunk, cps, cpc, impl = v.split(":")
+        r = measure(
+            path,
+            mode=mode,
+            dtype=dtype,
+            chunk=int(chunk),
+            cps=int(cps),
+            cpc=int(cpc),
+            impl=impl,
+            pp=[int(x) for x in a.pp.split(",")],
+            tg=a.tg,
+            repeats=a.repeats,
+        )
         results["runs"].append(r)
         print(json.dumps(r), flush=True)
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         with open(a.out, "w") as fh:
             json.dump(results, fh, indent=1)
-    keys = ["load_s", "weight_bytes", "compile_prefill_s", "compile_decode_s",
-            *[k for k in results["runs"][0] if k.startswith(("pp", "tg"))], "decode_GBps"]
+    keys = [
+        "load_s",
+        "weight_bytes",
+        "compile_prefill_s",
+        "compile_decode_s",
+        *[k for k in results["runs"][0] if k.startswith(("pp", "tg"))],
+        "decode_GBps",
+    ]
     print("variant".ljust(40) + "".join(k[:16].rjust(17) for k in keys))
     for r in results["runs"]:
-        name = f"{r['mode']}:{r['dtype']}:{r['chunk']}:{r['chunks_per_call']}:{r['impl']}"
+        name = ":".join(
+            str(r[k])
+            for k in ("mode", "dtype", "chunk", "chunks_per_step", "chunks_per_call", "impl")
+        )
         print(name.ljust(40) + "".join(f"{r[k]:17.4g}" for k in keys))
         print("   memory after load:", r["mem_after_load"], " end:", r["mem_end"])
 

@@ -1,8 +1,11 @@
 """The two jit sites — prefill (a scan over chunks) and the decode step — and the `Model` API.
 
-prefill: tokens are cut into chunks of `chunk_size`; one compiled program runs a `lax.scan` over
-`chunks_per_call` chunks (chunks that are entirely padding are skipped with `lax.cond`), so every
-prompt length runs the same program; longer prompts take several calls with the state carried.
+prefill: one compiled program per (batch, chunk layout) runs a `lax.scan` over steps of
+`chunks_per_step` WKV chunks of `chunk_size` tokens (steps that are entirely padding are skipped
+with `lax.cond`), `chunks_per_call` chunks per call; every prompt length runs the same program and
+longer prompts take several calls with the state carried. The layout defaults by backend
+(`default_layout`): one chunk per step on the CPU (no padding waste), 512-token steps on GPUs
+(large matrix products, few kernel launches per token).
 decode: one token per sequence, state donated (updated in place on CPU/CUDA).
 """
 
@@ -29,10 +32,10 @@ from rwkv_jax.tokenizer import Tokenizer
 WKV_IMPLS = ("chunked", "sequential")
 
 
-def _wkv_fn(impl: str) -> model.WkvFn:
-    """The WKV-7 kernel used inside one chunk."""
+def _wkv_fn(impl: str, chunk_size: int) -> model.WkvFn:
+    """The WKV-7 kernel over one scan step's tokens (a whole number of chunks)."""
     if impl == "chunked":
-        return wkv.wkv7_chunk
+        return functools.partial(wkv.wkv7_chunked, chunk_size=chunk_size)
     if impl == "sequential":
         return wkv.wkv7_sequential
     raise InputError(f"wkv implementation '{impl}' is not one of {WKV_IMPLS}")
@@ -44,7 +47,9 @@ def _step_wkv(S, r, k, v, alpha, beta, ld):
     return y[:, None], S
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "chunk_size", "all_logits", "impl", "dtype"))
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "chunk_size", "step_len", "all_logits", "impl", "dtype")
+)
 def prefill_call(
     params: Params,
     tokens: Array,
@@ -53,23 +58,27 @@ def prefill_call(
     *,
     cfg: ModelConfig,
     chunk_size: int,
+    step_len: int,
     all_logits: bool,
     impl: str,
     dtype,
 ) -> tuple[Array, State]:
-    """One prefill call: tokens [B, K*chunk_size] (row b valid up to lengths[b]) from state.
+    """One prefill call: tokens [B, K*step_len] (row b valid up to lengths[b]) from state.
 
-    Returns logits [B, V] of each row's last valid token (rows with length 0 get zeros), or
-    [B, K*chunk_size, V] for every position, and the new state.
+    A `lax.scan` over K steps of `step_len` tokens (a whole number of WKV chunks of
+    `chunk_size`); each step runs every layer on its tokens — projections as [B, step_len, C]
+    matrix products, the WKV chunk by chunk — and steps holding no valid token are skipped.
+    Returns logits [B, V] of each row's last valid token (zeros for rows with length 0), or
+    [B, K*step_len, V] for every position, and the new state.
     """
     B, T = tokens.shape
-    n_chunks = T // chunk_size
-    chunks = tokens.reshape(B, n_chunks, chunk_size).transpose(1, 0, 2)  # [K, B, L]
-    starts = jnp.arange(n_chunks, dtype=jnp.int32)[:, None] * chunk_size
-    chunk_lens = jnp.clip(lengths[None, :] - starts, 0, chunk_size)  # [K, B]
-    wkv_fn = _wkv_fn(impl)
+    n_steps = T // step_len
+    steps = tokens.reshape(B, n_steps, step_len).transpose(1, 0, 2)  # [K, B, S]
+    starts = jnp.arange(n_steps, dtype=jnp.int32)[:, None] * step_len
+    step_lens = jnp.clip(lengths[None, :] - starts, 0, step_len)  # [K, B]
+    wkv_fn = _wkv_fn(impl, chunk_size)
     V = cfg.vocab_size
-    out_shape = (B, chunk_size, V) if all_logits else (B, V)
+    out_shape = (B, step_len, V) if all_logits else (B, V)
 
     def run(state, tok, lens):
         return model.forward(
@@ -83,16 +92,16 @@ def prefill_call(
         state, last = carry
         tok, lens = xs
         logits, state = lax.cond(jnp.any(lens > 0), run, skip, state, tok, lens)
-        if not all_logits:  # keep the logits of the chunk holding each row's last token
+        if not all_logits:  # keep the logits of the step holding each row's last token
             last = jnp.where((lens > 0)[:, None], logits, last)
             logits = None
         return (state, last), logits
 
-    (state, last), per_chunk = lax.scan(
-        body, (state, jnp.zeros((B, V), jnp.float32)), (chunks, chunk_lens)
+    (state, last), per_step = lax.scan(
+        body, (state, jnp.zeros((B, V), jnp.float32)), (steps, step_lens)
     )
     if all_logits:
-        return per_chunk.transpose(1, 0, 2, 3).reshape(B, T, V), state
+        return per_step.transpose(1, 0, 2, 3).reshape(B, T, V), state
     return last, state
 
 
@@ -116,6 +125,7 @@ class Model:
     chunk_size: int = 16
     chunks_per_call: int = 16
     wkv_impl: str = "chunked"
+    chunks_per_step: int = 1
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -182,6 +192,7 @@ class Model:
                 state,
                 cfg=self.config,
                 chunk_size=self.chunk_size,
+                step_len=self.chunk_size * self.chunks_per_step,
                 all_logits=all_logits,
                 impl=self.wkv_impl,
                 dtype=self.dtype,
@@ -233,6 +244,18 @@ class Model:
         return "".join(pieces)
 
 
+def default_layout(backend: str | None = None) -> tuple[int, int]:
+    """(tokens per scan step, tokens per call) of prefill for a backend.
+
+    CPU: one 16-token chunk per step and 256 tokens per call (a short prompt computes at most
+    15 padding tokens; XLA:CPU gains nothing from bigger steps). GPU: 512-token steps and
+    4096-token calls, so every layer runs large matrix products and a few hundred kernels per
+    512 tokens instead of per 16 (measured on an H200: BENCHMARKS.md).
+    """
+    backend = backend or jax.default_backend()
+    return (16, 256) if backend == "cpu" else (512, 4096)
+
+
 def load(path: str | os.PathLike[str], **options) -> Model:
     """Open a `.gguf` file and put its weights on the default device (options: `from_gguf`)."""
     return from_gguf(GGUFFile(path), **options)
@@ -244,26 +267,31 @@ def from_gguf(
     mode: str = "packed",
     dtype: str = "float32",
     chunk_size: int = 16,
-    chunks_per_call: int = 16,
+    chunks_per_call: int | None = None,
+    chunks_per_step: int | None = None,
     wkv_impl: str = "chunked",
 ) -> Model:
     """Build a `Model` from an opened file: upload weights, build the tokenizer.
 
     mode: "packed" (dequantize inside jit) or "dense" (dequantize once now); dtype: compute
-    dtype of the matrix products; chunk_size: prefill chunk length (16, 32 or 64);
-    chunks_per_call: chunks per compiled prefill call; wkv_impl: "chunked" or "sequential".
+    dtype of the matrix products; chunk_size: WKV chunk length (16, 32 or 64);
+    chunks_per_step / chunks_per_call: prefill layout (None = `default_layout` for the
+    backend); wkv_impl: "chunked" or "sequential".
     """
     if dtype not in DTYPES:
         raise InputError(f"dtype '{dtype}' is not one of {list(DTYPES)}")
     if chunk_size not in (16, 32, 64):
         raise InputError(f"chunk_size {chunk_size} must be 16, 32 or 64")
-    if chunks_per_call < 1:
-        raise InputError(f"chunks_per_call {chunks_per_call} must be at least 1")
-    _wkv_fn(wkv_impl)
+    step_tokens, call_tokens = default_layout()
+    step = chunks_per_step or max(1, step_tokens // chunk_size)
+    call = chunks_per_call or max(step, call_tokens // chunk_size // step * step)
+    if step < 1 or call < step or call % step:
+        raise InputError(
+            f"chunks_per_call {call} must be a positive multiple of chunks_per_step {step}"
+        )
+    _wkv_fn(wkv_impl, chunk_size)
     params = load_params(f, mode=mode, dtype=DTYPES[dtype])
     tok = Tokenizer.from_gguf(
         f.metadata.get("tokenizer.ggml.tokens") or [], f.metadata.get("tokenizer.ggml.token_type")
     )
-    return Model(
-        params, f.config, tok, f.path, DTYPES[dtype], chunk_size, chunks_per_call, wkv_impl
-    )
+    return Model(params, f.config, tok, f.path, DTYPES[dtype], chunk_size, call, wkv_impl, step)

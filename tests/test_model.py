@@ -125,6 +125,7 @@ def test_padding_never_reaches_the_state(synth_model):
         state0,
         cfg=cfg,
         chunk_size=16,
+        step_len=32,
         all_logits=False,
         impl="chunked",
         dtype=jnp.float32,

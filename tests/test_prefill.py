@@ -43,6 +43,22 @@ def test_chunked_equals_sequential(synth_model, chunk, T):
     assert float(jnp.abs(sa.wkv - sb.wkv).max()) <= TOL
 
 
+@pytest.mark.parametrize("T", [1, 17, 130, 300])
+def test_multi_chunk_steps_equal_sequential(synth_model, T):
+    """The GPU layout (several chunks per scan step, padding inside a step) on the CPU."""
+    path = synth_model("tiny", "F32")
+    fast = _model(path, chunk_size=16, chunks_per_step=4, chunks_per_call=8)
+    ref = _model(path, chunk_size=16, chunks_per_call=16, wkv_impl="sequential")
+    toks = _tokens(T, seed=5)
+    a, sa = fast.forward(toks, all_logits=True)
+    b, sb = ref.forward(toks, all_logits=True)
+    assert float(jnp.abs(a - b).max()) <= TOL
+    last, sl = fast.forward(toks)
+    assert float(jnp.abs(last - b[:, -1]).max()) <= TOL
+    for x, y in zip(jax.tree.leaves(sl), jax.tree.leaves(sb), strict=True):
+        assert float(jnp.abs(x - y).max()) <= TOL
+
+
 def test_decode_steps_equal_prefill(synth_model):
     """Feeding tokens one at a time through the decode step gives the prefill's logits."""
     model = _model(synth_model("tiny", "F32"))
