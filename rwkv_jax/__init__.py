@@ -31,6 +31,7 @@ __all__ = [
     "UnsupportedTypeError",
     "Model",
     "decode_step",
+    "from_gguf",
     "load",
     "prefill_call",
     "GGUFFile",

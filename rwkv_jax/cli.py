@@ -134,9 +134,9 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="compute dtype of the matrix products (default float32)",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="compute dtype of the matrix products (auto: float32 on the CPU, bfloat16 on GPUs)",
     )
     p.add_argument(
         "--chunk-size",
@@ -205,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
     except RwkvJaxError as exc:
         print(f"rwkv-jax: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # unreadable/unwritable paths, full disks: say which file
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"rwkv-jax: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("rwkv-jax: interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ Block layouts: docs/rwkv7-spec.md §3 and ggml `src/ggml-common.h`.
 from __future__ import annotations
 
 import abc
+import math
 from typing import ClassVar, TypeVar, final
 
 import equinox as eqx
@@ -73,6 +74,9 @@ def _scale_min_k4(scales: Array) -> tuple[Array, Array]:
     mn = jnp.concatenate([s1 & 63, (s2 >> 4) | ((s1 >> 6) << 4)], axis=-1)
     return sc, mn
 
+
+# At most this many activation rows use the fused multiply+reduce matvec; more use a dot.
+MATVEC_MAX_ROWS = 4
 
 # ---------------------------------------------------------------------------------------------
 # Base classes
@@ -169,6 +173,26 @@ class _Blocked(Weight):
     def _decode(self) -> Array:
         """Blocks joined along each row: [..., rows, in]."""
         return _flatten_last(self._blocks(), 2)
+
+    def matmul(self, x: Array) -> Array:
+        """x @ W^T; for a few rows (decode) on GPUs as multiply + reduce over the contiguous axis.
+
+        Written that way XLA fuses the unpacking into the reduction and reads each packed byte
+        once instead of writing and re-reading a dequantized matrix for a dot (backends.md:
+        2.9b Q4_K on an H100, 2.5 ms vs 7.0 ms per token). XLA:CPU does not vectorize the
+        fused reduction (measured 4x slower than its dot here), so the CPU keeps the dot.
+        """
+        if math.prod(x.shape[:-1]) > MATVEC_MAX_ROWS:
+            return super().matmul(x)
+        return lax.platform_dependent(x, cpu=super().matmul, default=self.matvec_fused)
+
+    def matvec_fused(self, x: Array) -> Array:
+        """x @ W^T as one fused unpack-multiply-reduce (float32 accumulation), for few rows."""
+        rows = math.prod(x.shape[:-1])
+        w = self._decode()  # [out, in] float32, fused into the reduction below
+        xs = x.reshape(rows, 1, -1).astype(jnp.float32)  # [M, 1, in]
+        y = jnp.sum(w[None] * xs, axis=-1)  # [M, out]
+        return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
 
 
 class _Dense(Weight):

@@ -244,6 +244,9 @@ def synth(preset: str, qtype: str, seed: int, out_path: str, *, progress: bool =
         raise InputError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
     if qtype not in TYPES:
         raise InputError(f"unknown type '{qtype}'; choose one of {', '.join(TYPES)}")
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(out_dir):
+        raise InputError(f"cannot write {out_path}: directory {out_dir} does not exist")
     p = PRESETS[preset]
     plan = tensor_plan(p)
     types = {name: _tensor_type(name, ne, qtype) for name, _, _, ne in plan}

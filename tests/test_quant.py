@@ -127,6 +127,25 @@ def test_matmul_matches_numpy(cls):
     assert np.all(np.abs(got - want) <= bound)
 
 
+BLOCKED = [c for c in ALL if issubclass(c, quant._Blocked)]
+
+
+@pytest.mark.parametrize("cls", BLOCKED, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fused_matvec_matches_numpy(cls, rows):
+    """The GPU decode path (unpack-multiply-reduce), run here on the CPU: same error bound."""
+    rng = np.random.default_rng(300 + int(cls.GGML_TYPE))
+    shape = _shapes(cls)[0]
+    raw = _finite_raw(cls, shape, rng)
+    deq = _reference(cls, raw, shape).astype(np.float64)
+    x = rng.standard_normal((rows, shape[1])).astype(np.float32)
+    got = np.asarray(jax.jit(lambda w, x: w.matvec_fused(x))(cls.from_raw(raw, shape), x))
+    want = x.astype(np.float64) @ deq.T
+    n, u = shape[1], 2.0**-24  # as test_matmul_matches_numpy
+    bound = n * u / (1 - n * u) * (np.abs(x) @ np.abs(deq).T) + u * np.abs(want)
+    assert got.shape == (rows, shape[0]) and np.all(np.abs(got - want) <= bound)
+
+
 def test_matmul_bf16_input_keeps_dtype():
     """bf16 x gives a bf16 result of x @ W^T, with W rounded to bf16 and f32 accumulation."""
     rng = np.random.default_rng(7)
