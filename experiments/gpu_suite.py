@@ -57,6 +57,7 @@ def measure(
     pp: list[int],
     tg: int,
     repeats: int,
+    layers: str = "scan",
 ) -> dict:
     """All figures for one configuration of one file."""
     r: dict = {
@@ -66,6 +67,7 @@ def measure(
         "chunks_per_step": cps,
         "chunks_per_call": cpc,
         "impl": impl,
+        "layers": layers,
     }
     t0 = time.perf_counter()
     f = GGUFFile(path)
@@ -80,6 +82,7 @@ def measure(
         chunks_per_call=cpc,
         chunks_per_step=cps,
         wkv_impl=impl,
+        stack_layers=layers == "scan",
     )
     jax.block_until_ready(model.params)
     r["load_s"] = time.perf_counter() - t0
@@ -162,7 +165,7 @@ def main() -> None:
     }
     print(f"{results['device']} ({dev.platform}), jax {jax.__version__}, {path}", flush=True)
     for v in a.variants.split(","):
-        mode, dtype, chunk, cps, cpc, impl = v.split(":")
+        mode, dtype, chunk, cps, cpc, impl, *layers = v.split(":")
         r = measure(
             path,
             mode=mode,
@@ -171,6 +174,7 @@ def main() -> None:
             cps=int(cps),
             cpc=int(cpc),
             impl=impl,
+            layers=(layers or ["scan"])[0],
             pp=[int(x) for x in a.pp.split(",")],
             tg=a.tg,
             repeats=a.repeats,
@@ -193,7 +197,15 @@ def main() -> None:
     for r in results["runs"]:
         name = ":".join(
             str(r[k])
-            for k in ("mode", "dtype", "chunk", "chunks_per_step", "chunks_per_call", "impl")
+            for k in (
+                "mode",
+                "dtype",
+                "chunk",
+                "chunks_per_step",
+                "chunks_per_call",
+                "impl",
+                "layers",
+            )
         )
         print(name.ljust(40) + "".join(f"{r[k]:17.4g}" for k in keys))
         print("   memory after load:", r["mem_after_load"], " end:", r["mem_end"])

@@ -270,6 +270,7 @@ def from_gguf(
     chunks_per_call: int | None = None,
     chunks_per_step: int | None = None,
     wkv_impl: str = "chunked",
+    stack_layers: bool | None = None,
 ) -> Model:
     """Build a `Model` from an opened file: upload weights, build the tokenizer.
 
@@ -277,7 +278,8 @@ def from_gguf(
     dtype of the matrix products ("auto": float32 on the CPU, bfloat16 on accelerators, where
     float32 matrix products run at a fraction of the bf16 rate); chunk_size: WKV chunk length
     (16, 32 or 64); chunks_per_step / chunks_per_call: prefill layout (None =
-    `default_layout` for the backend); wkv_impl: "chunked" or "sequential".
+    `default_layout` for the backend); wkv_impl: "chunked" or "sequential"; stack_layers:
+    scan over stacked layers (True), unroll them (False), or stack when formats allow (None).
     """
     if dtype == "auto":
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -293,7 +295,7 @@ def from_gguf(
             f"chunks_per_call {call} must be a positive multiple of chunks_per_step {step}"
         )
     _wkv_fn(wkv_impl, chunk_size)
-    params = load_params(f, mode=mode, dtype=DTYPES[dtype])
+    params = load_params(f, mode=mode, dtype=DTYPES[dtype], stack_layers=stack_layers)
     tok = Tokenizer.from_gguf(
         f.metadata.get("tokenizer.ggml.tokens") or [], f.metadata.get("tokenizer.ggml.token_type")
     )

@@ -184,7 +184,12 @@ class _Blocked(Weight):
         """
         if math.prod(x.shape[:-1]) > MATVEC_MAX_ROWS:
             return super().matmul(x)
-        return lax.platform_dependent(x, cpu=super().matmul, default=self.matvec_fused)
+        dot = super().matmul
+        # lambdas: platform_dependent hashes its branches, and a Module holding tracers is not
+        # hashable (its bound methods neither)
+        return lax.platform_dependent(
+            x, cpu=lambda x: dot(x), default=lambda x: self.matvec_fused(x)
+        )
 
     def matvec_fused(self, x: Array) -> Array:
         """x @ W^T as one fused unpack-multiply-reduce (float32 accumulation), for few rows."""
