@@ -31,6 +31,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
+from jax import Array
+
 from rwkv_jax import checkpoint, sampling
 from rwkv_jax.errors import InputError, RwkvJaxError, StateError
 from rwkv_jax.sampling import Sampler
@@ -102,7 +104,7 @@ class ChatSession:
         if self.system:
             self._feed(f"System: {normalize_message(self.system)}{TURN_END}")
 
-    def _feed(self, text: str):
+    def _feed(self, text: str) -> Array:
         """Feed text to the state; returns the logits after it."""
         ids = self.model.tokenizer.encode(text)
         logits, self.state = self.model.forward(ids, self.state)

@@ -1,4 +1,4 @@
-"""`rwkv-jax` command line: info, synth, quantize, tokenize, logits, generate."""
+"""`rwkv-jax` command line: info, synth, quantize, tokenize, logits, generate, chat."""
 
 from __future__ import annotations
 
@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(fn=_cmd_generate)
+
+    from rwkv_jax.chat import add_chat_parser
+
+    add_chat_parser(sub)
     return p
 
 

@@ -198,6 +198,10 @@ class PrefixCache:
         """Whether exactly this token sequence is cached."""
         return tuple(int(t) for t in tokens) in self._entries
 
+    def touch(self, tokens: Sequence[int]) -> None:
+        """Mark a cached prefix as just used (the last to be evicted)."""
+        self._entries.move_to_end(tuple(int(t) for t in tokens))
+
     def insert(self, tokens: Sequence[int], state: State, logits: Array) -> bool:
         """Cache a one-row state after `tokens` (copied); False if it alone exceeds the budget."""
         key = tuple(int(t) for t in tokens)
@@ -312,6 +316,15 @@ class Generator:
         done = [h[0] if h else 0 for h in hits]
         return checkpoint.concat_rows(rows), logits, done, list(done)
 
+    def _remember(self, contexts: list[list[int]], state: State, logits: Array) -> None:
+        """Cache each row's state under the tokens it has consumed (rows already cached: LRU)."""
+        assert self.cache is not None
+        for b, ctx in enumerate(contexts):
+            if ctx in self.cache:
+                self.cache.touch(ctx)
+            else:
+                self.cache.insert(ctx, checkpoint.take_rows(state, [b]), logits[b : b + 1])
+
     def prefill(
         self, ids: Sequence[Sequence[int]], state: State, logits: Array | None
     ) -> tuple[Array, State]:
@@ -395,6 +408,8 @@ class Generator:
 
         fresh = state is None
         if fresh:
+            if logits is not None or positions is not None:
+                raise InputError("logits and positions describe a state: pass them with `state`")
             if any(not p for p in ids):
                 raise InputError("every prompt needs at least one token to start from")
             full = [list(p) for p in ids]  # everything each row consumes, for the cache
@@ -411,8 +426,7 @@ class Generator:
         logits, state = self.prefill(ids, state, logits)
         pos = [d + len(p) for d, p in zip(done, ids, strict=True)]
         if fresh and self.cache is not None:
-            for b in range(B):
-                self.cache.insert(full[b], checkpoint.take_rows(state, [b]), logits[b : b + 1])
+            self._remember(full, state, logits)
 
         penalty = Penalty.zeros(B, V) if penalty is None else penalty
         texts = [TextStream(stops) for _ in range(B)]
@@ -457,8 +471,7 @@ class Generator:
             if piece and on_text is not None:
                 on_text(b, piece)
         if fresh and self.cache is not None and max_tokens > 0:
-            for b in range(B):
-                self.cache.insert(full[b], checkpoint.take_rows(state, [b]), logits[b : b + 1])
+            self._remember(full, state, logits)  # the whole context: a follow-up extends it
         return Result(
             tokens=out,
             texts=[s.text for s in texts],
