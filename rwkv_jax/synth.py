@@ -264,7 +264,7 @@ def synth(preset: str, qtype: str, seed: int, out_path: str, *, progress: bool =
         )
     total = sum(_tensor_bytes(ne, types[n]) for n, _, _, ne in plan)
     t0 = time.perf_counter()
-    done = 0
+    done = decile = 0
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -274,12 +274,17 @@ def synth(preset: str, qtype: str, seed: int, out_path: str, *, progress: bool =
                 data = _produce(name, spec, layer, ne, types[name], p, seed, pool)
                 writer.write_tensor_data(data.reshape(-1))
                 done += data.nbytes
-                if progress and (i % 16 == 0 or i == len(plan) - 1):
+                decile, last_decile = done * 10 // max(total, 1), decile
+                tty = sys.stderr.isatty()
+                if progress and (
+                    i == len(plan) - 1 or (i % 16 == 0 if tty else decile > last_decile)
+                ):
                     rate = done / max(time.perf_counter() - t0, 1e-9) / 1e6
+                    end = "" if tty else "\n"  # one line per ~10% in logs
                     print(
                         f"\rsynth {preset} {qtype}: {done / 1e6:8.1f} / {total / 1e6:.1f} MB "
                         f"({rate:.0f} MB/s)",
-                        end="",
+                        end=end,
                         file=sys.stderr,
                         flush=True,
                     )
