@@ -231,28 +231,66 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"expected {FORMAT!r}); RWKV-PEFT state-tuning .pth files load with "
             "import_state_tuning"
         )
+    unknown = sorted(set(raw) - set(METADATA_TYPES) - {"format", "format_version"})
+    if unknown:
+        raise StateError(f"{path}: unknown state metadata key(s) {unknown}; the file is damaged")
     try:
         version = int(raw.get("format_version", "0"))
-        meta = {
-            "format_version": version,
-            "fingerprint": raw["fingerprint"],
-            "model": json.loads(raw["model"]),
-            "positions": json.loads(raw["positions"]),
-            "dtypes": json.loads(raw["dtypes"]),
-            "shapes": json.loads(raw["shapes"]),
-            "extra": json.loads(raw.get("extra", "{}")),
-            "tensors": sorted(keys),
-        }
-    except (KeyError, ValueError) as exc:
+    except ValueError:
         raise StateError(
-            f"{path}: state metadata is damaged ({type(exc).__name__}: {exc})"
+            f"{path}: state metadata 'format_version' is {raw['format_version']!r}, not an integer"
         ) from None
     if version > FORMAT_VERSION:
         raise StateError(
             f"{path}: state format version {version} is newer than this rwkv_jax understands "
             f"({FORMAT_VERSION}); upgrade rwkv_jax"
         )
+    meta: dict[str, Any] = {"format_version": version, "tensors": sorted(keys)}
+    for key, kind in METADATA_TYPES.items():
+        if key not in raw and key == "extra":
+            meta[key] = {}
+            continue
+        if key not in raw:
+            raise StateError(f"{path}: state metadata '{key}' is missing; the file is damaged")
+        try:
+            value = raw[key] if kind is str else json.loads(raw[key])
+        except ValueError as exc:
+            raise StateError(f"{path}: state metadata '{key}' is not valid JSON ({exc})") from None
+        if not isinstance(value, kind):
+            raise StateError(
+                f"{path}: state metadata '{key}' must be a JSON {kind.__name__}, got "
+                f"{type(value).__name__}"
+            )
+        meta[key] = value
+    _check_positions(path, meta["positions"])
+    for k in SHAPE_FIELDS:
+        v = meta["model"].get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise StateError(f"{path}: state metadata 'model.{k}' must be an integer, got {v!r}")
+    unknown = sorted(keys - set(STATE_FIELDS) - {"logits"})
+    if unknown:
+        raise StateError(f"{path}: unknown state tensor(s) {unknown}; expected {STATE_FIELDS}")
     return meta
+
+
+# metadata key -> JSON type of its value (str: stored as a plain string)
+METADATA_TYPES: dict[str, type] = {
+    "fingerprint": str,
+    "model": dict,
+    "positions": list,
+    "dtypes": dict,
+    "shapes": dict,
+    "extra": dict,
+}
+
+
+def _check_positions(path: str, positions: list) -> None:
+    """positions: a list of non-negative integers (tokens consumed per row)."""
+    bad = [p for p in positions if isinstance(p, bool) or not isinstance(p, int) or p < 0]
+    if bad:
+        raise StateError(
+            f"{path}: state metadata 'positions' must hold non-negative integers, got {bad[0]!r}"
+        )
 
 
 def load_state(path: str | os.PathLike[str], model, *, check_model: bool = True) -> Checkpoint:
@@ -268,7 +306,7 @@ def load_state(path: str | os.PathLike[str], model, *, check_model: bool = True)
     cfg: ModelConfig = model.config
     saved = meta["model"]
     for k in SHAPE_FIELDS:
-        if k in saved and int(saved[k]) != int(getattr(cfg, k)):
+        if k in saved and saved[k] != int(getattr(cfg, k)):
             raise StateError(
                 f"{path}: saved from model '{saved.get('name', '?')}' with {k}={saved[k]}, but "
                 f"model '{cfg.name}' has {k}={getattr(cfg, k)}; load it into the model it "
@@ -282,11 +320,21 @@ def load_state(path: str | os.PathLike[str], model, *, check_model: bool = True)
             f"weights (fingerprint {fp[:12]}); a state only means something to the weights "
             "that produced it. Pass check_model=False (chat: --force) to load it anyway"
         )
-    with safe_open(path, "np") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(path, "np") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise StateError(f"{path}: state tensors are unreadable ({exc})") from None
     missing = [n for n in STATE_FIELDS if n not in tensors]
     if missing:
         raise StateError(f"{path}: state tensors {missing} are missing")
+    for name, t in tensors.items():
+        if t.dtype != np.float32:  # save_state writes float32 only
+            raise StateError(f"{path}: tensor '{name}' is {t.dtype}, a state file holds float32")
+        if not np.all(np.isfinite(t)):
+            raise StateError(f"{path}: tensor '{name}' contains NaN or infinite values")
     batch = int(tensors["wkv"].shape[1]) if tensors["wkv"].ndim == 5 else -1
     want = expected_shapes(cfg, batch)
     for name in STATE_FIELDS:

@@ -3,22 +3,39 @@
 The `gguf` package's reader parses the container over mmap; this module checks that what it found
 is a usable RWKV-7 model and fixes ggml's dimension order (``ne[0]`` fastest) once: every 2-D
 tensor leaves here as ``(rows, row_bytes)`` bytes plus a PyTorch-convention ``(out, in)`` shape.
+
+Model files come from strangers, so reading is defensive (`open_reader`): every read is
+bounds-checked, every declared count or length is compared with the bytes that follow before
+anything loops or allocates, and the tensor table (types, sizes, alignment, bounds, overlap,
+duplicates) is checked before a single view is made. Every problem is one `GGUFError` (or
+`UnsupportedTypeError`) whose one-line message names the file, the key or tensor, and the fault.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+import struct
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import gguf
 import numpy as np
 
-from rwkv_jax.errors import GGUFError
+from rwkv_jax.errors import GGUFError, UnsupportedTypeError
 
 ARCH = "rwkv7"
+# ggml types a vector (norms, biases, w0/a0/v0, lerps, k_k, k_a, r_k) may use: the converter
+# writes them F32 and llama-quantize never touches them.
+VECTOR_TYPES = (
+    int(gguf.GGMLQuantizationType.F32),
+    int(gguf.GGMLQuantizationType.F16),
+    int(gguf.GGMLQuantizationType.BF16),
+)
 
 # --------------------------------------------------------------------------------------------
 # The name table: GGUF tensor name -> field of the params pytree (rwkv_jax/params.py).
@@ -183,6 +200,345 @@ class TensorInfo:
         return self.data.reshape(n_rows, -1)
 
 
+# --------------------------------------------------------------------------------------------
+# Checked reading. Model files come from strangers: every count, length and offset the file
+# declares is checked against the bytes that actually follow before anything is looped over or
+# allocated, and every failure is a GGUFError naming the offset, key or tensor. The parser is
+# gguf-py's GGUFReader; `_CheckedReader` only wraps its internal steps (checks + translation of
+# its exceptions) and replaces its per-element loop for arrays of strings and scalars by a fast
+# path that returns the same ReaderField parts (tests/test_robustness.py proves equality).
+# --------------------------------------------------------------------------------------------
+
+# What a file may declare before we believe it. Released rwkv7 files are far below every limit
+# (25 keys, 6 + 28 * n_layer tensors, 65536-entry vocabulary arrays).
+MAX_KV_COUNT = 1 << 16
+MAX_TENSOR_COUNT = 1 << 16
+MAX_KEY_BYTES = 65535  # gguf.cpp: keys are at most 65535 bytes
+MAX_NAME_BYTES = 63  # ggml GGML_MAX_NAME = 64 including the NUL
+MAX_STRING_BYTES = 1 << 24  # one string value (chat templates are a few kB)
+MAX_ARRAY_LEN = 1 << 20  # elements of one metadata array
+MAX_ARRAY_TOTAL = 1 << 22  # elements of all metadata arrays (each costs a numpy view)
+MAX_ARRAY_DEPTH = 2  # arrays of arrays of scalars at most
+MAX_DIMS = 4  # ggml GGML_MAX_DIMS
+HEADER_BYTES = 24  # magic, version, tensor count, kv count
+
+_V = gguf.GGUFValueType
+# Fewest bytes one value of each type occupies: an array of n elements needs n times this.
+_MIN_VALUE_BYTES = {
+    **{
+        t: int(np.dtype(d).itemsize)
+        for t, d in getattr(gguf.GGUFReader, "gguf_scalar_to_np", {}).items()
+    },
+    _V.STRING: 8,  # u64 length, no bytes
+    _V.ARRAY: 12,  # u32 element type + u64 count, no elements
+}
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, the smallest value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one ne, type, offset
+
+
+def _reader_internals_ok() -> bool:
+    """True when the installed gguf reader has the internals _CheckedReader builds on."""
+    import inspect
+
+    want = {
+        "_get": ["self", "offset", "dtype", "count", "override_order"],
+        "_get_field_parts": ["self", "orig_offs", "raw_type"],
+        "_build_fields": ["self", "offs", "count"],
+        "_build_tensor_info": ["self", "offs", "count"],
+        "_get_tensor_info_field": ["self", "orig_offs"],
+        "_build_tensors": ["self", "start_offs", "fields"],
+    }
+    try:
+        for name, params in want.items():
+            got = list(inspect.signature(getattr(gguf.GGUFReader, name)).parameters)
+            if got != params:
+                return False
+        return gguf.ReaderField._fields == ("offset", "name", "parts", "data", "types") and all(
+            hasattr(gguf.GGUFReader, a) for a in ("gguf_scalar_to_np", "byte_order", "alignment")
+        )
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def _quoted(name: str, limit: int = 64) -> str:
+    """A name from the file, quoted for a one-line message (escapes control characters)."""
+    short = name if len(name) <= limit else name[:limit] + "..."
+    return f"'{short}'" if short.isprintable() else repr(short)
+
+
+def _key_at(data: np.ndarray, offs: int) -> str:
+    """Best-effort quoted key/name stored as a GGUF string at offs (for error messages)."""
+    if offs + 8 > data.size:
+        return "'?'"
+    n = int(np.asarray(data[offs : offs + 8]).view("<u8")[0])
+    if n > MAX_KEY_BYTES:
+        return "'?'"
+    return _quoted(bytes(data[offs + 8 : offs + 8 + min(n, 65)]).decode("utf-8", "replace"))
+
+
+class _CheckedReader(gguf.GGUFReader):
+    """gguf.GGUFReader with every read bounds-checked and every declared size sanity-checked."""
+
+    def __init__(self, path: str):
+        self._elems_left = MAX_ARRAY_TOTAL
+        self._depth = 0
+        self._tensor_index = 0
+        super().__init__(path, "r")
+
+    def _plain(self) -> np.ndarray:
+        """The mmap as a plain uint8 ndarray (slicing np.memmap costs ~7x more)."""
+        plain = getattr(self, "_plain_data", None)
+        if plain is None:
+            plain = self._plain_data = np.asarray(self.data)
+        return plain
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        """Base read, after checking that count items at offset lie inside the file."""
+        offset, count = int(offset), int(count)
+        end = offset + np.dtype(dtype).itemsize * count
+        if offset < 0 or count < 0 or end > self.data.size:
+            raise GGUFError(
+                f"truncated or corrupt: {count} x {np.dtype(dtype).name} at offset {offset} "
+                f"would end at byte {end}, past the end of the file ({self.data.size} bytes)"
+            )
+        return super()._get(offset, dtype, count, override_order)
+
+    def _value_type(self, raw: Any, offs: int) -> gguf.GGUFValueType:
+        """The GGUFValueType of a raw id, or GGUFError naming it."""
+        try:
+            return _V(int(raw))
+        except ValueError:
+            raise GGUFError(
+                f"unknown value type {int(raw)} at offset {offs} (GGUF defines 0..12)"
+            ) from None
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        """Checked value parsing; arrays of strings or scalars take a vectorised fast path."""
+        gtype = self._value_type(raw_type, orig_offs)
+        if gtype == _V.STRING:
+            n = int(self._get(orig_offs, np.uint64)[0])
+            if n > MAX_STRING_BYTES:
+                raise GGUFError(
+                    f"string at offset {orig_offs} declares {n} bytes (limit {MAX_STRING_BYTES})"
+                )
+        if gtype != _V.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        itype = self._value_type(raw_itype[0], orig_offs)
+        n, start = int(alen[0]), orig_offs + 12
+        # Before looping: n elements need at least n * (smallest element) bytes.
+        need, left = n * _MIN_VALUE_BYTES[itype], self.data.size - start
+        if need > left:
+            raise GGUFError(
+                f"array at offset {orig_offs} declares {n} {itype.name} elements (at least "
+                f"{need} bytes) but only {left} bytes follow: the file is truncated or corrupt"
+            )
+        if n > MAX_ARRAY_LEN or n > self._elems_left:
+            raise GGUFError(
+                f"array at offset {orig_offs} declares {n} elements; rwkv_jax reads at most "
+                f"{MAX_ARRAY_LEN} per array and {MAX_ARRAY_TOTAL} in all (an rwkv7 "
+                "vocabulary has 65536)"
+            )
+        self._elems_left -= n
+        if itype == _V.ARRAY:
+            if self._depth >= MAX_ARRAY_DEPTH:
+                raise GGUFError(
+                    f"arrays nested deeper than {MAX_ARRAY_DEPTH} levels at offset {orig_offs}"
+                )
+            self._depth += 1
+            try:
+                return super()._get_field_parts(orig_offs, raw_type)
+            finally:
+                self._depth -= 1
+        if self.byte_order != "I" or sys.byteorder != "little":
+            return super()._get_field_parts(orig_offs, raw_type)  # fast path reads '<' only
+        types = [_V.ARRAY] + ([itype] if n else [])  # the base records the element type once
+        parts: list[np.ndarray] = [raw_itype, alen]
+        nptype = self.gguf_scalar_to_np.get(itype)
+        if nptype is not None:
+            # one view of all n values, split into n one-element views as the base makes them
+            values = np.asarray(self._get(start, nptype, n))
+            parts += list(values.reshape(n, 1))
+            return 12 + values.nbytes, parts, list(range(2, 2 + n)), types
+        # strings: walk the u64 lengths; each string is two parts (length, bytes)
+        buf = self._plain()
+        size, offs = buf.size, start
+        unpack = _U64.unpack_from
+        for _ in range(n):
+            if offs + 8 > size:
+                raise GGUFError(
+                    f"truncated or corrupt: string length at offset {offs} runs past the end"
+                )
+            (slen,) = unpack(buf, offs)
+            end = offs + 8 + slen
+            if slen > MAX_STRING_BYTES or end > size:
+                raise GGUFError(
+                    f"string at offset {offs} declares {slen} bytes but only {size - offs - 8} "
+                    "follow: the file is truncated or corrupt"
+                )
+            parts.append(buf[offs : offs + 8].view(np.uint64))
+            parts.append(buf[offs + 8 : end])
+            offs = end
+        return offs - orig_offs, parts, list(range(3, 2 + 2 * n, 2)), types
+
+    def _build_fields(self, offs, count):
+        """Metadata entries one at a time, each failure re-raised naming its key."""
+        count = int(count)
+        left = self.data.size - offs
+        if count > MAX_KV_COUNT or count * _MIN_KV_BYTES > left:
+            raise GGUFError(
+                f"header declares {count} metadata entries (GGUF.kv_count) but only {left} "
+                f"bytes follow (limit {MAX_KV_COUNT} entries): the file is truncated or corrupt"
+            )
+        for i in range(count):
+            try:
+                n = int(self._get(offs, np.uint64)[0])
+                if n > MAX_KEY_BYTES:
+                    raise GGUFError(f"key length {n} exceeds {MAX_KEY_BYTES} bytes")
+                offs = super()._build_fields(offs, 1)
+            except KeyError:  # _push_field on a repeated key
+                raise GGUFError(
+                    f"metadata key {_key_at(self._plain(), offs)} appears twice"
+                ) from None
+            except UnicodeDecodeError:
+                raise GGUFError(f"metadata entry {i} at offset {offs}: key is not UTF-8") from None
+            except (GGUFError, ValueError, IndexError, OverflowError, TypeError) as exc:
+                raise GGUFError(
+                    f"metadata key {_key_at(self._plain(), offs)} (entry {i}, offset {offs}): {exc}"
+                ) from None
+        return offs
+
+    def _build_tensor_info(self, offs, count):
+        """Tensor infos, after checking their declared count against the remaining bytes."""
+        count = int(count)
+        left = self.data.size - offs
+        if count > MAX_TENSOR_COUNT or count * _MIN_TENSOR_INFO_BYTES > left:
+            raise GGUFError(
+                f"header declares {count} tensors (GGUF.tensor_count) but only {left} bytes "
+                f"follow (limit {MAX_TENSOR_COUNT} tensors): the file is truncated or corrupt"
+            )
+        return super()._build_tensor_info(offs, count)
+
+    def _get_tensor_info_field(self, orig_offs):
+        """One tensor info: name length and n_dims checked before the base reads them."""
+        i = self._tensor_index
+        self._tensor_index += 1
+        try:
+            n = int(self._get(orig_offs, np.uint64)[0])
+            if n > MAX_NAME_BYTES:
+                raise GGUFError(f"name length {n} exceeds ggml's {MAX_NAME_BYTES} bytes")
+            n_dims = int(self._get(orig_offs + 8 + n, np.uint32)[0])
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise GGUFError(f"n_dims is {n_dims}, ggml tensors have 1..{MAX_DIMS}")
+            return super()._get_tensor_info_field(orig_offs)
+        except UnicodeDecodeError:
+            raise GGUFError(f"tensor {i} (offset {orig_offs}): name is not UTF-8") from None
+        except GGUFError as exc:
+            raise GGUFError(
+                f"tensor {i} {_key_at(self._plain(), orig_offs)} (info at offset {orig_offs}): "
+                f"{exc}"
+            ) from None
+
+    def _build_tensors(self, start_offs, fields):
+        """Check the tensor table (types, sizes, bounds, alignment, overlap) before the base."""
+        table = [
+            (f.name, tuple(int(x) for x in f.parts[3]), int(f.parts[4][0]), int(f.parts[5][0]))
+            for f in fields
+        ]
+        check_tensor_table(table, int(start_offs), int(self.alignment), int(self.data.size))
+        super()._build_tensors(start_offs, fields)
+
+
+_U64 = struct.Struct("<Q")
+
+
+def check_tensor_table(
+    table: list[tuple[str, tuple[int, ...], int, int]], data_start: int, alignment: int, size: int
+) -> None:
+    """Validate (name, ne, ggml type, offset) rows: GGUFError naming the first bad tensor.
+
+    Rows must have 1..4 positive dims, a ggml type gguf knows, whole blocks per row, an offset
+    that is a multiple of the alignment, data inside the file, and no two may share a name or
+    overlap.
+    """
+    from rwkv_jax.quant import block_info
+
+    seen: set[str] = set()
+    spans: list[tuple[int, int, str]] = []
+    for name, ne, ggml_type, offset in table:
+        where = f"tensor {_quoted(name)}"
+        if name in seen:
+            raise GGUFError(f"{where} appears twice in the tensor table")
+        seen.add(name)
+        if not 1 <= len(ne) <= MAX_DIMS or any(d < 1 for d in ne):
+            raise GGUFError(f"{where} has dims {list(ne)}; ggml needs 1..4 dims, each >= 1")
+        try:
+            blk, type_size = block_info(ggml_type)
+        except UnsupportedTypeError as exc:
+            raise UnsupportedTypeError(f"{where}: {exc}") from None
+        if ne[0] % blk:
+            raise GGUFError(
+                f"{where} has ne[0]={ne[0]}, not a multiple of the {blk}-element blocks of "
+                f"its type {gguf.GGMLQuantizationType(ggml_type).name}"
+            )
+        n_bytes = ne[0] // blk * type_size * math.prod(ne[1:])  # python ints: no overflow
+        begin = data_start + offset
+        if offset % alignment:
+            raise GGUFError(f"{where}: data offset {offset} is not a multiple of {alignment}")
+        if begin + n_bytes > size:
+            raise GGUFError(
+                f"{where}: {n_bytes} bytes at file offset {begin} run past the end of the file "
+                f"({size} bytes); the file is truncated or its tensor table is corrupt"
+            )
+        spans.append((begin, begin + n_bytes, name))
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:], strict=False):
+        if begin_b < end_a:
+            raise GGUFError(f"tensor {_quoted(b)} overlaps the data of tensor {_quoted(a)}")
+
+
+def open_reader(path: str | os.PathLike[str]) -> gguf.GGUFReader:
+    """A gguf.GGUFReader over `path` whose reads and declared sizes are all checked.
+
+    Any malformed container raises GGUFError (message prefixed with the path); it never
+    crawls through absurd counts or allocates more than the file's own size. With a gguf
+    package whose reader internals differ from 0.19's, the plain reader is used and its
+    exceptions are translated.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise GGUFError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise GGUFError(f"{path}: is a directory, expected a .gguf file")
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if not head:
+        raise GGUFError(f"{path}: the file is empty")
+    if head[:4] != b"GGUF":
+        raise GGUFError(f"{path}: not a GGUF file (starts with {head[:4]!r}, expected b'GGUF')")
+    if size < HEADER_BYTES:
+        raise GGUFError(f"{path}: truncated: {size} bytes, a GGUF header alone is 24")
+    version = int.from_bytes(head[4:8], "little")
+    if version & 0xFFFF == 0:  # written on a host of the other byte order
+        version = int.from_bytes(head[4:8], "big")
+    supported = getattr(gguf.gguf_reader, "READER_SUPPORTED_VERSIONS", [2, 3])
+    if version not in supported:
+        raise GGUFError(f"{path}: GGUF version {version} is not supported (only {supported})")
+    cls = _CheckedReader if _CHECKED else gguf.GGUFReader
+    try:
+        return cls(path) if cls is _CheckedReader else cls(path, "r")
+    except GGUFError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+    except (ValueError, KeyError, IndexError, OverflowError, TypeError) as exc:
+        # the base reader's own checks (alignment type/value) and, without the fast path, junk
+        raise GGUFError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+
+
+_CHECKED = _reader_internals_ok()
+
+
 def _field_value(field: Any) -> Any:
     """Python value of a reader field (scalar, string or list)."""
     return field.contents()
@@ -193,18 +549,12 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.fspath(path)
-        if not os.path.exists(self.path):
-            raise GGUFError(f"{self.path}: no such file")
-        if os.path.isdir(self.path):
-            raise GGUFError(f"{self.path}: is a directory, expected a .gguf file")
-        try:
-            reader = gguf.GGUFReader(self.path, "r")
-        except GGUFError:
-            raise
-        except Exception as exc:  # the reader raises ValueError/KeyError/IndexError/... on junk
+        reader = open_reader(self.path)
+        if reader.byte_order != "I":
             raise GGUFError(
-                f"{self.path}: not a readable GGUF file ({type(exc).__name__}: {exc})"
-            ) from None
+                f"{self.path}: the file was written big-endian; rwkv_jax reads little-endian "
+                "GGUF files (as llama.cpp does on little-endian hosts)"
+            )
         self._reader = reader
         self.metadata: dict[str, Any] = {}
         for name, field in reader.fields.items():
@@ -212,17 +562,24 @@ class GGUFFile:
                 continue
             try:
                 self.metadata[name] = _field_value(field)
-            except Exception as exc:
+            except Exception as exc:  # invalid UTF-8 in a string value, mostly
                 raise GGUFError(
-                    f"{self.path}: metadata key '{name}' is unreadable: {exc}"
+                    f"{self.path}: metadata key {_quoted(name)} is unreadable: {exc}"
                 ) from None
         self.tensors: dict[str, TensorInfo] = {}
         for t in reader.tensors:
             ne = tuple(int(x) for x in t.shape)
             data = np.asarray(t.data).reshape(-1).view(np.uint8)
             self.tensors[t.name] = TensorInfo(t.name, int(t.tensor_type), ne, data)
+        if not _CHECKED:  # the plain reader did not check the table: do it now
+            table = [
+                (t.name, tuple(int(x) for x in t.shape), int(t.tensor_type), int(t.data_offset))
+                for t in reader.tensors
+            ]
+            check_tensor_table(table, 0, 1, int(reader.data.size))
         self.config = self._read_config()
         self._check_tensors()
+        self._check_tokenizer()
 
     # ---- metadata ---------------------------------------------------------------------------
 
@@ -248,8 +605,8 @@ class GGUFFile:
         arch = self._get("general.architecture", required=True)
         if arch != ARCH:
             raise GGUFError(
-                f"{self.path}: general.architecture is '{arch}', rwkv_jax runs only '{ARCH}' "
-                "(RWKV-7) models"
+                f"{self.path}: general.architecture is {_quoted(str(arch))}, rwkv_jax runs only "
+                f"'{ARCH}' (RWKV-7) models"
             )
         n_embd = self._int(KEY["n_embd"])
         n_layer = self._int(KEY["n_layer"])
@@ -278,9 +635,15 @@ class GGUFFile:
         if emb is None or len(emb.ne) != 2:
             raise GGUFError(f"{self.path}: tensor 'token_embd.weight' is missing or not 2-D")
         eps = self._get(KEY["eps"], 1e-5)
-        if not isinstance(eps, float | int) or not (0 < float(eps) < 1):
+        if isinstance(eps, bool) or not isinstance(eps, float | int) or not 0 < eps < 1:
             raise GGUFError(f"{self.path}: {KEY['eps']}={eps!r} must be a number in (0, 1)")
         ffn = self._int(KEY["ffn"], required=False, default=4 * n_embd)
+        name = self._get("general.name", os.path.basename(self.path))
+        if not isinstance(name, str):
+            raise GGUFError(f"{self.path}: metadata key 'general.name' must be a string")
+        file_type = -1
+        if "general.file_type" in self.metadata:
+            file_type = self._int("general.file_type")
         return ModelConfig(
             n_layer=n_layer,
             n_embd=n_embd,
@@ -288,33 +651,40 @@ class GGUFFile:
             head_size=head_size,
             vocab_size=emb.ne[1],
             layer_norm_eps=float(eps),
-            file_type=int(self._get("general.file_type", -1)),
-            name=str(self._get("general.name", os.path.basename(self.path))),
+            file_type=file_type,
+            name=name,
             **ranks,
         )
 
     # ---- tensors ----------------------------------------------------------------------------
 
-    def expected_tensors(self) -> dict[str, tuple[TensorSpec, tuple[int, ...]]]:
-        """Every tensor name the model needs -> (spec, expected ne)."""
+    def _iter_expected(self) -> Iterator[tuple[str, TensorSpec, tuple[int, ...]]]:
+        """(name, spec, expected ne) of every tensor the model needs, in llama.cpp's order."""
         dims = self.config.dims()
-        out: dict[str, tuple[TensorSpec, tuple[int, ...]]] = {}
         for spec in GLOBAL_TENSORS:
-            out[spec.gguf_name] = (spec, tuple(dims[d] for d in spec.ne))
+            yield spec.gguf_name, spec, tuple(dims[d] for d in spec.ne)
         for layer in range(self.config.n_layer):
             for spec in LAYER_TENSORS:
                 names = spec.ne
                 if layer == 0 and spec.field in LAYER0_DUMMY_RANK:
                     names = tuple(LAYER0_DUMMY_RANK[spec.field] if d == "Dv" else d for d in names)
-                out[f"blk.{layer}.{spec.gguf_name}"] = (spec, tuple(dims[d] for d in names))
-        return out
+                yield f"blk.{layer}.{spec.gguf_name}", spec, tuple(dims[d] for d in names)
+
+    def expected_tensors(self) -> dict[str, tuple[TensorSpec, tuple[int, ...]]]:
+        """Every tensor name the model needs -> (spec, expected ne)."""
+        return {name: (spec, ne) for name, spec, ne in self._iter_expected()}
 
     def _check_tensors(self) -> None:
-        expected = self.expected_tensors()
-        for name, (spec, ne) in expected.items():
+        """Every expected tensor present, shaped as the metadata says, in a supported type."""
+        from rwkv_jax.quant import FORMATS
+
+        seen: set[str] = set()
+        # Lazily: a block_count of 2^31 stops at the first missing layer, never builds a table.
+        for name, spec, ne in self._iter_expected():
             info = self.tensors.get(name)
             if info is None:
                 raise GGUFError(f"{self.path}: tensor '{name}' is missing")
+            seen.add(name)
             got = _squeeze_trailing_ones(info.ne)
             if got != _squeeze_trailing_ones(ne):
                 # llama.cpp also accepts the lerp vector of channel mix declared as [C, 1, 1].
@@ -322,7 +692,16 @@ class GGUFFile:
                     f"{self.path}: tensor '{name}' has dims {list(info.ne)}, expected {list(ne)} "
                     f"from the metadata ({spec.field})"
                 )
-        extra = sorted(set(self.tensors) - set(expected))
+            allowed = FORMATS if spec.kind == "mat" else VECTOR_TYPES
+            if info.ggml_type not in allowed:
+                what = "matrix" if spec.kind == "mat" else "vector"
+                names = ", ".join(_type_name(t) for t in allowed)
+                raise UnsupportedTypeError(
+                    f"{self.path}: tensor '{name}' is a {what} stored as {info.type_name}, which "
+                    f"rwkv_jax cannot unpack (supported for a {what}: {names}); re-quantize "
+                    "from the F16/BF16/F32 file to a supported type"
+                )
+        extra = sorted(set(self.tensors) - seen)
         # Tensors we do not know are an error: silently ignoring weights gives wrong logits.
         if extra:
             more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
@@ -330,6 +709,28 @@ class GGUFFile:
                 f"{self.path}: unexpected tensors {extra[:5]}{more}: not part of a llama.cpp "
                 "rwkv7 model (another variant, e.g. DeepEmbed or ARWKV7?)"
             )
+
+    def _check_tokenizer(self) -> None:
+        """The vocabulary arrays, when present, are strings / ints with one entry per row."""
+        tokens = self.metadata.get("tokenizer.ggml.tokens")
+        types = self.metadata.get("tokenizer.ggml.token_type")
+        V = self.config.vocab_size
+        for key, value, kind in (
+            ("tokenizer.ggml.tokens", tokens, str),
+            ("tokenizer.ggml.token_type", types, int),
+        ):
+            if value is None:
+                continue
+            if not isinstance(value, list) or not all(type(v) is kind for v in value):
+                raise GGUFError(
+                    f"{self.path}: metadata key '{key}' must be an array of {kind.__name__}"
+                )
+            if len(value) != V:
+                raise GGUFError(
+                    f"{self.path}: metadata key '{key}' has {len(value)} entries but "
+                    f"token_embd.weight has {V} rows (the vocabulary size); the file is "
+                    "inconsistent"
+                )
 
     def tensor(self, name: str) -> TensorInfo:
         """The tensor called ``name`` (GGUFError if absent)."""
@@ -356,6 +757,14 @@ class GGUFFile:
 
     def __repr__(self) -> str:
         return f"GGUFFile({self.path!r}, {self.config})"
+
+
+def _type_name(ggml_type: int) -> str:
+    """ggml type name of an id ('GGML type 99' when gguf does not know it)."""
+    try:
+        return gguf.GGMLQuantizationType(ggml_type).name
+    except ValueError:
+        return f"GGML type {ggml_type}"
 
 
 def _squeeze_trailing_ones(ne: tuple[int, ...]) -> tuple[int, ...]:
