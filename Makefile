@@ -7,7 +7,7 @@ CONFIG  ?= configs/default.yaml
 BASE    := $(VENV)/.stamp-base
 DEV     := $(VENV)/.stamp-dev
 
-.PHONY: bench test test-slow lint install install-dev clean
+.PHONY: bench test test-slow test-metal-safe lint install install-dev clean
 
 $(BASE): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,9 +34,33 @@ test: $(DEV)
 test-slow: $(DEV)
 	$(BIN)/python -m pytest -m slow -q
 
+# The code path a Mac runs (profile metal-safe: no donation, no scan, int8 quant fields), on the
+# CPU, under the JAX jax-metal needs: its own venv with jax/jaxlib 0.4.38 and the newest equinox
+# supporting it (the [metal] extra's pins), the package installed without its dependencies.
+METAL_VENV ?= .venv-metal
+METAL_BIN  := $(METAL_VENV)/bin
+METAL      := $(METAL_VENV)/.stamp-metal
+METAL_DEPS := jax==0.4.38 jaxlib==0.4.38 equinox==0.13.8 numpy gguf pyyaml safetensors \
+              pytest pytest-timeout hypothesis
+# the core files minus the 0.1b sanity run (90 s; tiny runs the same code) and two checks of
+# the default profile's storage and donation, which metal-safe changes on purpose
+METAL_TESTS := tests/test_backends.py tests/test_model.py tests/test_prefill.py tests/test_quant.py
+METAL_SKIP  := not numerically_sane and not donates_state
+
+$(METAL): pyproject.toml
+	test -x $(METAL_BIN)/python || $(PY) -m venv $(METAL_VENV)
+	$(METAL_BIN)/python -m pip install -q --upgrade pip
+	$(METAL_BIN)/python -m pip install -q $(METAL_DEPS)
+	$(METAL_BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-metal-safe: $(METAL)
+	RWKV_JAX_PROFILE=metal-safe JAX_PLATFORMS=cpu $(METAL_BIN)/python -m pytest $(METAL_TESTS) \
+		-m "not slow and not oracle" -k "$(METAL_SKIP)" -q
+
 lint: $(DEV)
 	$(BIN)/ruff check rwkv_jax tests experiments
 	$(BIN)/ruff format --check rwkv_jax tests experiments
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(METAL_VENV) build *.egg-info .pytest_cache

@@ -1,4 +1,4 @@
-"""`rwkv-jax` command line: info, synth, quantize, tokenize, logits, generate, chat."""
+"""`rwkv-jax` command line: info, synth, quantize, tokenize, logits, generate, chat, doctor."""
 
 from __future__ import annotations
 
@@ -145,6 +145,22 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
         choices=[16, 32, 64],
         help="prefill chunk length (default 16)",
     )
+    from rwkv_jax.backends import PLATFORMS, profile_names
+
+    p.add_argument(
+        "--platform",
+        choices=list(PLATFORMS),
+        default="auto",
+        help="JAX backend: auto (the fastest that works), cpu, cuda, or metal (jax-metal or a "
+        "community Metal plugin)",
+    )
+    p.add_argument(
+        "--profile",
+        choices=list(profile_names()),
+        help="code paths: auto (by platform), default, or metal-safe (the Metal path, on any "
+        "platform); default: $RWKV_JAX_PROFILE, else auto",
+    )
+    p.set_defaults(select_backend=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,13 +215,27 @@ def build_parser() -> argparse.ArgumentParser:
     from rwkv_jax.chat import add_chat_parser
 
     add_chat_parser(sub)
+    from rwkv_jax.doctor import add_doctor_parser
+
+    add_doctor_parser(sub)
     return p
+
+
+def _select_backend(args: argparse.Namespace) -> None:
+    """Apply --platform and --profile before anything initializes JAX's backends."""
+    from rwkv_jax import backends
+
+    backends.select_platform(args.platform)
+    if args.profile is not None:
+        backends.set_profile(args.profile)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: errors from bad input print one line and exit 1, without a traceback."""
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "select_backend", False):
+            _select_backend(args)
         args.fn(args)
     except RwkvJaxError as exc:
         print(f"rwkv-jax: error: {exc}", file=sys.stderr)

@@ -7,6 +7,9 @@ longer prompts take several calls with the state carried. The layout defaults by
 (`default_layout`): one chunk per step on the CPU (no padding waste), 512-token steps on GPUs
 (large matrix products, few kernel launches per token).
 decode: one token per sequence, state donated (updated in place on CPU/CUDA).
+The profile (`backends.current_profile`) picks the variants: metal-safe decodes without
+donation (`decode_fn`) and prefills with a host loop over one-chunk calls whose programs hold no
+loop primitive (WKV "unrolled"), layers unrolled.
 """
 
 from __future__ import annotations
@@ -22,14 +25,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 
-from rwkv_jax import model, wkv
+from rwkv_jax import backends, model, wkv
 from rwkv_jax.errors import InputError
 from rwkv_jax.gguf import GGUFFile, ModelConfig
 from rwkv_jax.params import DTYPES, Params, load_params
 from rwkv_jax.state import State
 from rwkv_jax.tokenizer import Tokenizer
 
-WKV_IMPLS = ("chunked", "sequential")
+WKV_IMPLS = ("chunked", "sequential", "unrolled")
+
+
+def _unrolled_wkv(S, r, k, v, alpha, beta, ld):
+    """The token recurrence written out over T ([B, T, H, N] inputs): no loop primitive."""
+    ys = []
+    for t in range(r.shape[1]):
+        y, S = wkv.wkv7_step(S, r[:, t], k[:, t], v[:, t], alpha[:, t], beta[:, t], ld[:, t])
+        ys.append(y)
+    return jnp.stack(ys, axis=1), S  # [B, T, H, N]
 
 
 def _wkv_fn(impl: str, chunk_size: int) -> model.WkvFn:
@@ -38,6 +50,8 @@ def _wkv_fn(impl: str, chunk_size: int) -> model.WkvFn:
         return functools.partial(wkv.wkv7_chunked, chunk_size=chunk_size)
     if impl == "sequential":
         return wkv.wkv7_sequential
+    if impl == "unrolled":
+        return _unrolled_wkv
     raise InputError(f"wkv implementation '{impl}' is not one of {WKV_IMPLS}")
 
 
@@ -69,7 +83,8 @@ def prefill_call(
     `chunk_size`); each step runs every layer on its tokens — projections as [B, step_len, C]
     matrix products, the WKV chunk by chunk — and steps holding no valid token are skipped.
     Returns logits [B, V] of each row's last valid token (zeros for rows with length 0), or
-    [B, K*step_len, V] for every position, and the new state.
+    [B, K*step_len, V] for every position, and the new state. A call of one step (K = 1, the
+    metal-safe host loop) runs it directly: no scan and no cond.
     """
     B, T = tokens.shape
     n_steps = T // step_len
@@ -97,6 +112,12 @@ def prefill_call(
             logits = None
         return (state, last), logits
 
+    if n_steps == 1:
+        logits, state = run(state, steps[0], step_lens[0])
+        if not all_logits:
+            logits = jnp.where((step_lens[0] > 0)[:, None], logits, 0.0)
+        return logits, state
+
     (state, last), per_step = lax.scan(
         body, (state, jnp.zeros((B, V), jnp.float32)), (steps, step_lens)
     )
@@ -105,12 +126,21 @@ def prefill_call(
     return last, state
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("state",))
-def decode_step(
+def _decode(
     params: Params, tokens: Array, state: State, *, cfg: ModelConfig, dtype
 ) -> tuple[Array, State]:
-    """One token per sequence: tokens [B] -> logits [B, V] and the new state (donated)."""
+    """One token per sequence: tokens [B] -> logits [B, V] and the new state."""
     return model.forward(params, cfg, tokens[:, None], state, wkv_fn=_step_wkv, dtype=dtype)
+
+
+# the decode jit site in two variants: state donated (CPU/CUDA) or kept (Metal plugins)
+decode_step = jax.jit(_decode, static_argnames=("cfg", "dtype"), donate_argnames=("state",))
+decode_step_kept = jax.jit(_decode, static_argnames=("cfg", "dtype"))
+
+
+def decode_fn():
+    """The decode step of the current profile: `decode_step` (donating) or `decode_step_kept`."""
+    return decode_step if backends.current_profile().donate else decode_step_kept
 
 
 @dataclass
@@ -177,7 +207,11 @@ class Model:
             raise InputError(
                 f"lengths must give 1..{T} tokens for each of the {B} rows, got {lens.tolist()}"
             )
-        span = self.chunk_size * self.chunks_per_call
+        # metal-safe: one loop-free call per chunk, the token recurrence unrolled inside it
+        host = backends.current_profile().prefill_loop == "host"
+        step_len = self.chunk_size * (1 if host else self.chunks_per_step)
+        span = step_len if host else self.chunk_size * self.chunks_per_call
+        impl = "unrolled" if host else self.wkv_impl
         outs, last = [], None
         for s in range(0, int(lens.max()), span):
             piece = toks[:, s : s + span]
@@ -192,9 +226,9 @@ class Model:
                 state,
                 cfg=self.config,
                 chunk_size=self.chunk_size,
-                step_len=self.chunk_size * self.chunks_per_step,
+                step_len=step_len,
                 all_logits=all_logits,
-                impl=self.wkv_impl,
+                impl=impl,
                 dtype=self.dtype,
             )
             if all_logits:
@@ -205,9 +239,11 @@ class Model:
         return (jnp.concatenate(outs, axis=1) if all_logits else last), state
 
     def step(self, tokens, state: State) -> tuple[Array, State]:
-        """Decode one token per sequence (tokens [B]); `state` is consumed (donated)."""
+        """Decode one token per sequence (tokens [B]); `state` is consumed (donated if the
+        profile donates: treat it as gone either way)."""
         toks = self._tokens(np.asarray(tokens).reshape(1, -1))[0]
-        return decode_step(self.params, jnp.asarray(toks), state, cfg=self.config, dtype=self.dtype)
+        step = decode_fn()
+        return step(self.params, jnp.asarray(toks), state, cfg=self.config, dtype=self.dtype)
 
     # ---- text --------------------------------------------------------------------------------
 
@@ -275,14 +311,18 @@ def from_gguf(
     """Build a `Model` from an opened file: upload weights, build the tokenizer.
 
     mode: "packed" (dequantize inside jit) or "dense" (dequantize once now); dtype: compute
-    dtype of the matrix products ("auto": float32 on the CPU, bfloat16 on accelerators, where
-    float32 matrix products run at a fraction of the bf16 rate); chunk_size: WKV chunk length
-    (16, 32 or 64); chunks_per_step / chunks_per_call: prefill layout (None =
-    `default_layout` for the backend); wkv_impl: "chunked" or "sequential"; stack_layers:
-    scan over stacked layers (True), unroll them (False), or stack when formats allow (None).
+    dtype of the matrix products ("auto": the profile's, else float32 on the CPU and bfloat16 on
+    accelerators, where float32 matrix products run at a fraction of the bf16 rate); chunk_size:
+    WKV chunk length (16, 32 or 64); chunks_per_step / chunks_per_call: prefill layout (None =
+    `default_layout` for the backend); wkv_impl: "chunked", "sequential" or "unrolled";
+    stack_layers: scan over stacked layers (True), unroll them (False), or the profile's choice
+    (None: stack when formats allow; unrolled under metal-safe).
     """
+    prof = backends.current_profile()
     if dtype == "auto":
-        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        dtype = prof.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    if stack_layers is None:
+        stack_layers = prof.stack_layers
     if dtype not in DTYPES:
         raise InputError(f"dtype '{dtype}' is not one of {['auto', *DTYPES]}")
     if chunk_size not in (16, 32, 64):

@@ -21,6 +21,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from jax import lax
 
+from rwkv_jax import backends
 from rwkv_jax.errors import GGUFError, UnsupportedTypeError
 
 Array = jax.Array
@@ -30,11 +31,19 @@ QK_K = 256  # elements in a K-quant super-block
 
 
 # ---------------------------------------------------------------------------------------------
-# Bit helpers (all integer ops are uint8/int8 shifts and masks; leading axes pass through)
+# Bit helpers (integer shifts and masks; leading axes pass through). A packed byte field is uint8
+# as stored, or int8 under the metal-safe profile (Metal plugins lack unsigned types): an int8
+# field is widened to int32 0..255 first, so every shift below is int32 arithmetic there.
+
+
+def _bytes(a: Array) -> Array:
+    """Byte values of a packed u8 field: uint8 as stored, or int32 0..255 from an int8 view."""
+    return (a.astype(jnp.int32) & 0xFF) if a.dtype == jnp.int8 else a
 
 
 def _split_bits(a: Array, shifts: tuple[int, ...], mask: int, axis: int) -> Array:
     """Extract `(a >> s) & mask` for each shift s, stacked on a new axis (-1 or -2)."""
+    a = _bytes(a)
     return jnp.stack([(a >> s) & mask for s in shifts], axis=axis)
 
 
@@ -69,6 +78,7 @@ def _scale_min_k4(scales: Array) -> tuple[Array, Array]:
     # bytes 0-3: low 6 bits = sc[0:4], top 2 bits = sc[4:8] >> 4
     # bytes 4-7: low 6 bits = mn[0:4], top 2 bits = mn[4:8] >> 4
     # bytes 8-11: low nibble = sc[4:8] & 15, high nibble = mn[4:8] & 15
+    scales = _bytes(scales)
     s0, s1, s2 = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
     sc = jnp.concatenate([s0 & 63, (s2 & 0xF) | ((s0 >> 6) << 4)], axis=-1)
     mn = jnp.concatenate([s1 & 63, (s2 >> 4) | ((s1 >> 6) << 4)], axis=-1)
@@ -159,8 +169,20 @@ class Weight(eqx.Module):
         raw = np.ascontiguousarray(raw).reshape(*lead, out, cls.row_bytes(n_in))
         rec = raw.view(cls.BLOCK)
         # np.array copies to a contiguous array we own, so no device buffer can alias an mmap
-        fields = {f: jnp.asarray(np.array(rec[f])) for f in cls.BLOCK.names}
+        fields = {f: jnp.asarray(_stored(np.array(rec[f]))) for f in cls.BLOCK.names}
         return cls(shape=(out, n_in), **fields)
+
+
+def field_dtype(base: np.dtype) -> np.dtype:
+    """Device dtype of a block field of C type `base`: int8 for uint8 under metal-safe."""
+    if base == np.uint8 and backends.current_profile().quant_bytes == "int8":
+        return np.dtype(np.int8)
+    return np.dtype(base)
+
+
+def _stored(a: np.ndarray) -> np.ndarray:
+    """A host field as the profile stores it: as is, or uint8 as its zero-copy int8 view."""
+    return a.view(field_dtype(a.dtype))
 
 
 class _Blocked(Weight):
@@ -184,6 +206,8 @@ class _Blocked(Weight):
         """
         if math.prod(x.shape[:-1]) > MATVEC_MAX_ROWS:
             return super().matmul(x)
+        if backends.current_profile().matvec == "fused":  # what Metal runs, on any platform
+            return self.matvec_fused(x)
         dot = super().matmul
         # lambdas: platform_dependent hashes its branches, and a Module holding tracers is not
         # hashable (its bound methods neither)
@@ -362,8 +386,9 @@ class Q2_K(_Blocked):
     def _blocks(self) -> Array:
         """Dequantize super-blocks -> [..., nb, 256]."""
         # per-sub-block scale and offset [..., nb, 16, 1], rounded to f32 first as ggml does
-        dl = (_f32(self.d)[..., None] * _f32(self.scales & 0xF))[..., None]
-        ml = (_f32(self.dmin)[..., None] * _f32(self.scales >> 4))[..., None]
+        scales = _bytes(self.scales)
+        dl = (_f32(self.d)[..., None] * _f32(scales & 0xF))[..., None]
+        ml = (_f32(self.dmin)[..., None] * _f32(scales >> 4))[..., None]
         q = _f32(_low_crumbs_16x16(self.qs))  # [..., nb, 16, 16]
         return _flatten_last(dl * q - ml, 2)
 

@@ -23,7 +23,6 @@ so a character split over several tokens is delivered whole.
 from __future__ import annotations
 
 import codecs
-import functools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from rwkv_jax import checkpoint, sampling
+from rwkv_jax import backends, checkpoint, sampling
 from rwkv_jax.errors import InputError
-from rwkv_jax.generate import decode_step
+from rwkv_jax.generate import decode_fn
 from rwkv_jax.gguf import ModelConfig
 from rwkv_jax.params import Params
 from rwkv_jax.sampling import Penalty, Sampler, SamplerParams
@@ -55,12 +54,7 @@ def _freeze(active: Array, new: Array, old: Array, batch_axis: int) -> Array:
     return jnp.where(active.reshape(shape), new, old)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "dtype"),
-    donate_argnames=("logits", "state", "penalty"),
-)
-def sample_step(
+def _sample_step(
     params: Params,
     logits: Array,
     state: State,
@@ -79,11 +73,17 @@ def sample_step(
     row_keys = jax.vmap(jax.random.fold_in)(keys, positions)  # key of (stream, position)
     tokens = sampling.sample(logits, row_keys, sampler, penalty)
     new_penalty = sampling.update_penalties(penalty, tokens, sampler, weights)
-    new_logits, new_state = decode_step(params, tokens, state, cfg=cfg, dtype=dtype)
+    new_logits, new_state = decode_fn()(params, tokens, state, cfg=cfg, dtype=dtype)
     state = jax.tree.map(lambda n, o: _freeze(active, n, o, 1), new_state, state)
     penalty = jax.tree.map(lambda n, o: _freeze(active, n, o, 0), new_penalty, penalty)
     logits = _freeze(active, new_logits, logits, 0)
     return tokens, logits, state, penalty, positions + active.astype(positions.dtype)
+
+
+# two variants of the jit site: buffers donated (CPU/CUDA) or kept (the metal-safe profile)
+_STATIC, _DONATED = ("cfg", "dtype"), ("logits", "state", "penalty")
+sample_step = jax.jit(_sample_step, static_argnames=_STATIC, donate_argnames=_DONATED)
+sample_step_kept = jax.jit(_sample_step, static_argnames=_STATIC)
 
 
 # ---- text with stop strings -----------------------------------------------------------------
@@ -435,8 +435,9 @@ class Generator:
         active = np.full(B, max_tokens > 0)
         positions_dev = jnp.asarray(pos, jnp.int32)
         tokenizer = model.tokenizer
+        step = sample_step if backends.current_profile().donate else sample_step_kept
         while active.any():
-            tok, logits, state, penalty, positions_dev = sample_step(
+            tok, logits, state, penalty, positions_dev = step(
                 model.params,
                 logits,
                 state,
