@@ -1,0 +1,167 @@
+"""rwkv_jax driven by the benchmark protocols (import only after the JAX platform is chosen)."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import rwkv_jax
+from rwkv_jax.generate import Model
+from rwkv_jax.gguf import GGUFFile
+from rwkv_jax.params import nbytes
+
+
+@jax.jit
+def _greedy(logits: jax.Array) -> jax.Array:
+    """argmax per row on the device (first maximum), int32 [B]: the greedy feedback token."""
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+class JaxEngine:
+    """One rwkv_jax model and one recurrent state, with the seed's and llama-bench's calls."""
+
+    name = "rwkv_jax"
+
+    def __init__(self, path: str, options: dict):
+        self.path = path
+        self.options = dict(options)  # rwkv_jax.from_gguf keyword options
+        self.header: GGUFFile | None = None  # the last parsed header
+        self.model: Model | None = None
+        self.state = None
+
+    @property
+    def config(self):
+        """The model's ModelConfig (parses the header on first use)."""
+        if self.header is None:
+            self.header = GGUFFile(self.path)
+        return self.header.config
+
+    @property
+    def vocab_size(self) -> int:
+        """V."""
+        return self.config.vocab_size
+
+    # ---- loading -----------------------------------------------------------------------------
+
+    def load_once(self, header: GGUFFile | None = None) -> float:
+        """Parse the header (untimed; or take one already parsed), then time building the
+        model until its weights are on the device: the seed's load timer. Compilation is lazy
+        in JAX and timed apart."""
+        self.model, self.state = None, None
+        gc.collect()  # drop the previous copy first, so peak memory holds one model
+        header = self.header = header or GGUFFile(self.path)
+        t0 = time.perf_counter()
+        model = rwkv_jax.from_gguf(header, **self.options)
+        jax.block_until_ready(model.params)
+        dt = time.perf_counter() - t0
+        self.model = model
+        return dt
+
+    def active(self) -> Model:
+        """The loaded model (load_once must have run)."""
+        if self.model is None:
+            self.load_once()
+        assert self.model is not None
+        return self.model
+
+    def weight_bytes(self) -> tuple[int, int]:
+        """(device bytes of all weights, bytes read per decoded token).
+
+        Per token a decode step reads every matrix and vector once, but only one row of the
+        embedding table: bytes/token = nbytes(params) - nbytes(emb) + nbytes(emb) / V.
+        """
+        params = self.active().params
+        total = nbytes(params)
+        emb = sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(params.emb))
+        return total, total - emb + emb // self.vocab_size
+
+    # ---- compile time ------------------------------------------------------------------------
+
+    def compile_times(self, prompt_len: int) -> dict:
+        """First call minus a repeated identical call, for the prefill program and the decode
+        step (batch 1), on a scratch state so the protocol's own state is untouched."""
+        m = self.active()
+        toks = np.arange(1, prompt_len + 1, dtype=np.int32) % self.vocab_size
+
+        def prefill() -> float:
+            t0 = time.perf_counter()
+            logits, _ = m.forward(toks, m.new_state(1))
+            np.asarray(logits)
+            return time.perf_counter() - t0
+
+        def decode() -> float:
+            st = m.new_state(1)
+            jax.block_until_ready(st)
+            t0 = time.perf_counter()
+            logits, _ = m.step([1], st)
+            np.asarray(logits)
+            return time.perf_counter() - t0
+
+        first_p, again_p = prefill(), prefill()
+        first_d, again_d = decode(), decode()
+        return {
+            "prefill_s": max(first_p - again_p, 0.0),
+            "decode_s": max(first_d - again_d, 0.0),
+            "prefill_first_call_s": first_p,
+            "decode_first_call_s": first_d,
+        }
+
+    # ---- the seed protocol -------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """A zero state for one sequence."""
+        self.state = self.active().new_state(1)
+
+    def feed(self, tokens: Sequence[int], read: bool) -> np.ndarray | None:
+        """One prefill call continuing the state; logits to the host only when asked."""
+        logits, self.state = self.active().forward(np.asarray(tokens, np.int32), self.state)
+        return np.asarray(logits)[0] if read else None
+
+    def step(self, token: int) -> np.ndarray:
+        """One decode step (the state is donated); its logits to the host."""
+        logits, self.state = self.active().step([token], self.state)
+        return np.asarray(logits)[0]
+
+    # ---- llama-bench style -------------------------------------------------------------------
+
+    def pp(self, tokens: Sequence[int]) -> float:
+        """Seconds for one prefill of `tokens` from a zero state, up to logits on the host."""
+        m = self.active()
+        toks = np.asarray(tokens, np.int32)
+        st = m.new_state(1)
+        jax.block_until_ready(st)
+        t0 = time.perf_counter()
+        logits, _ = m.forward(toks, st)
+        np.asarray(logits)
+        return time.perf_counter() - t0
+
+    def tg(self, first: Sequence[int], n: int) -> float:
+        """Seconds for n greedy decode steps of len(first) streams from a zero state; each
+        step's token is the previous step's argmax, fed back on the device."""
+        m = self.active()
+        st = m.new_state(len(first))
+        tok = jnp.asarray(np.asarray(first, np.int32))
+        jax.block_until_ready((st, tok))
+        t0 = time.perf_counter()
+        for _ in range(n):
+            logits, st = rwkv_jax.decode_step(m.params, tok, st, cfg=m.config, dtype=m.dtype)
+            tok = _greedy(logits)
+        np.asarray(tok)
+        return time.perf_counter() - t0
+
+    # ---- fidelity ----------------------------------------------------------------------------
+
+    def all_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits of every position [T, V] from a zero state, float32 on the host."""
+        logits, _ = self.active().forward(np.asarray(tokens, np.int32), all_logits=True)
+        return np.asarray(logits, dtype=np.float32)[0]
+
+    def close(self) -> None:
+        """Release the model."""
+        self.model, self.state = None, None
+        gc.collect()
