@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 
-from rwkv_jax import backends, model, wkv
+from rwkv_jax import backends, cpu_kernels, model, wkv
 from rwkv_jax.errors import InputError
 from rwkv_jax.gguf import GGUFFile, ModelConfig
 from rwkv_jax.params import DTYPES, Params, load_params
@@ -323,6 +323,11 @@ def from_gguf(
         dtype = prof.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     if stack_layers is None:
         stack_layers = prof.stack_layers
+    if stack_layers is None and jax.default_backend() == "cpu" and cpu_kernels.available():
+        # XLA copies a layer's weights out of the stack before each custom call: with the native
+        # CPU kernels unrolled layers decode faster (10.6 vs 14.0 ms/token, 0.1b Q4_K_M here);
+        # available() also builds the kernels now rather than inside the first trace
+        stack_layers = False
     if dtype not in DTYPES:
         raise InputError(f"dtype '{dtype}' is not one of {['auto', *DTYPES]}")
     if chunk_size not in (16, 32, 64):

@@ -21,7 +21,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from jax import lax
 
-from rwkv_jax import backends
+from rwkv_jax import backends, cpu_kernels
 from rwkv_jax.errors import GGUFError, UnsupportedTypeError
 
 Array = jax.Array
@@ -121,7 +121,23 @@ class Weight(eqx.Module):
         return picked._decode().astype(jnp.float32)
 
     def matmul(self, x: Array) -> Array:
-        """x @ W^T: [..., in] -> [..., out] in x's dtype, accumulated in float32."""
+        """x @ W^T: [..., in] -> [..., out] in x's dtype, accumulated in float32.
+
+        On the CPU backend the native FFI kernels (rwkv_jax/cpu_kernels.py) multiply the packed
+        blocks directly; elsewhere XLA dequantizes and runs a dot.
+        """
+        if _cpu_native(self):
+            xla = self._matmul_xla
+            # lambdas: platform_dependent hashes its branches (a Module with tracers is not)
+            return lax.platform_dependent(
+                x,
+                cpu=lambda x: cpu_kernels.matmul(self, x).astype(x.dtype),
+                default=lambda x: xla(x),
+            )
+        return self._matmul_xla(x)
+
+    def _matmul_xla(self, x: Array) -> Array:
+        """x @ W^T through XLA: dequantize to x's dtype, then a dot with float32 accumulation."""
         w = self.dequantize(x.dtype)  # [out, in]
         if w.ndim != 2:
             raise ValueError(f"matmul needs an unstacked weight, got values of shape {w.shape}")
@@ -204,11 +220,13 @@ class _Blocked(Weight):
         2.9b Q4_K on an H100, 2.5 ms vs 7.0 ms per token). XLA:CPU does not vectorize the
         fused reduction (measured 4x slower than its dot here), so the CPU keeps the dot.
         """
+        if _cpu_native(self):  # native kernels beat XLA at every row count
+            return super().matmul(x)
         if math.prod(x.shape[:-1]) > MATVEC_MAX_ROWS:
             return super().matmul(x)
         if backends.current_profile().matvec == "fused":  # what Metal runs, on any platform
             return self.matvec_fused(x)
-        dot = super().matmul
+        dot = super()._matmul_xla
         # lambdas: platform_dependent hashes its branches, and a Module holding tracers is not
         # hashable (its bound methods neither)
         return lax.platform_dependent(
@@ -222,6 +240,11 @@ class _Blocked(Weight):
         xs = x.reshape(rows, 1, -1).astype(jnp.float32)  # [M, 1, in]
         y = jnp.sum(w[None] * xs, axis=-1)  # [M, out]
         return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
+
+
+def _cpu_native(w: Weight) -> bool:
+    """Native kernels: the CPU backend (no build on accelerator hosts) and a layout they know."""
+    return jax.default_backend() == "cpu" and cpu_kernels.supports(w)
 
 
 class _Dense(Weight):

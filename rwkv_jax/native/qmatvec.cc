@@ -1,0 +1,1100 @@
+// qmatvec.cc: y[M, out] = x[M, in] · Wᵀ over packed ggml weight blocks, as XLA FFI custom calls
+// for the CPU (rwkv_jax/cpu_kernels.py builds, loads and registers this file).
+//
+// Every weight element is dequantized to exactly the float32 value ggml's dequantize_row_* gives
+// (the same values as rwkv_jax/quant.py), multiplied by float32 x and accumulated in float32;
+// activations are never quantized. Only the summation order differs from a plain dot.
+//
+// Why fused multiply-adds keep the ggml values: contraction (-ffp-contract=fast) may turn
+// `dl * q - ml` into fma(dl, q, -ml), which rounds once instead of twice. In every format here the
+// product is exact in float32 (an f16 scale has 11 significant bits; d*sc adds at most 8 bits of
+// the integer sub-scale, *q at most 6 more: <= 24 bits), so the fused and unfused results agree.
+// Formats whose value is a single product (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K) round exactly once
+// anyway. Products with x and the accumulation may fuse freely: that only changes rounding
+// inside the dot product, which the float32 dot error bound already covers.
+//
+// Layout of the weight: each format's block struct is split into its fields (quant.py
+// `from_raw`), each a C-contiguous array [out, nb, *per_block] with nb = in / QK blocks per row
+// (dense formats: one array w [out, in]); optionally a stack [L, ...] of such weights plus a
+// layer index (see the FFI glue at the end).
+//
+// Code: each format's `block` dequantizes one block into runs of 16 floats (`emit`); the kernel
+// multiplies each run into 16-lane accumulators for MB activation rows at once (a weight block is
+// unpacked once for all MB rows), and sums lanes for 16 weight rows together. The vectors are
+// GCC/clang vector extensions (AVX-512, AVX2, NEON or plain C++, whatever -march gives); the
+// decode-critical Q4_K (16-entry lookup tables via vpermps) and Q6_K (whole-half bit unpacking)
+// have AVX-512 paths. Rows of W are split between a thread pool (created on first use) and the
+// calling thread; a call takes the pool only if no other call holds it (XLA may run independent
+// custom calls concurrently), otherwise it runs on its own thread.
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// 16-lane vectors (GCC/clang vector extensions: zmm with AVX-512, 2 ymm with AVX2, NEON x4)
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint8_t v16b __attribute__((vector_size(16)));
+typedef int8_t v16sb __attribute__((vector_size(16)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+#if defined(__AVX512F__)
+constexpr int kMaxRows = 8;  // activation rows per pass: 8 x NA accumulators fit 32 zmm
+#else
+constexpr int kMaxRows = 4;  // 16 ymm (AVX2) / 32 q-registers (NEON) hold fewer v16f
+#endif
+
+inline v16f load_f32(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline v16b load_u8(const uint8_t* p) {
+  v16b v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Byte -> int32 widening. GCC scalarizes __builtin_convertvector of signed bytes, so the x86
+// paths use the pmovzx/pmovsx intrinsics.
+inline v16i u8_to_i32(v16b q) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<v16i>(_mm512_cvtepu8_epi32(reinterpret_cast<__m128i>(q)));
+#elif defined(__AVX2__)
+  const __m128i b = reinterpret_cast<__m128i>(q);
+  const __m256i lo = _mm256_cvtepu8_epi32(b), hi = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
+  v16i v;
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+#else
+  return __builtin_convertvector(q, v16i);
+#endif
+}
+
+inline v16i s8_to_i32(v16sb q) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<v16i>(_mm512_cvtepi8_epi32(reinterpret_cast<__m128i>(q)));
+#elif defined(__AVX2__)
+  const __m128i b = reinterpret_cast<__m128i>(q);
+  const __m256i lo = _mm256_cvtepi8_epi32(b), hi = _mm256_cvtepi8_epi32(_mm_srli_si128(b, 8));
+  v16i v;
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+#else
+  return __builtin_convertvector(q, v16i);
+#endif
+}
+
+inline v16f i32_to_f32(v16i q) { return __builtin_convertvector(q, v16f); }  // exact here
+
+inline v16f u8_to_f32(v16b q) { return i32_to_f32(u8_to_i32(q)); }
+
+// The same pointer, opaque to the optimizer: loads through it are not replaced by register
+// shuffles of the values just stored (a broadcast load is cheaper than a permute).
+template <class T>
+inline const T* launder(const T* p) {
+  asm("" : "+r"(p));
+  return p;
+}
+
+inline float hsum(v16f v) {
+  v8f lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  v8f s8 = lo + hi;
+  v4f a, b;
+  std::memcpy(&a, &s8, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof a, sizeof b);
+  v4f s4 = a + b;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// IEEE binary16 -> binary32, exact (subnormals, inf and NaN included).
+inline float f16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp == 0) {
+    const float f = static_cast<float>(man) * 5.9604644775390625e-08f;  // man * 2^-24, exact
+    return sign ? -f : f;
+  } else {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+
+inline v16f f16x16_to_f32(const uint16_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<v16f>(
+      _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__F16C__)
+  __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  v16f v;
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+#else
+  v16f v;
+  for (int i = 0; i < 16; ++i) v[i] = f16_to_f32(p[i]);
+  return v;
+#endif
+}
+
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline v16f bf16x16_to_f32(const uint16_t* p) {
+  v16h h;
+  std::memcpy(&h, p, sizeof h);
+  v16u bits = __builtin_convertvector(h, v16u) << 16;
+  return reinterpret_cast<v16f>(bits);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Formats. Each declares its fields (dtype, per-block trailing size; 0 = none) and a `block`
+// function that dequantizes block b of weight row r and calls emit(c, w) for each run of 16
+// elements (elements 16c .. 16c+15 of the block, w their float32 values).
+
+struct Problem {
+  const float* x;     // [m, in]
+  float* y;           // [m, out]
+  const void* f[5];   // field base pointers
+  int64_t m, in, out;
+  int64_t nb;         // blocks per weight row (dense: full 16-element runs per row)
+};
+
+struct FieldSpec {
+  ffi::DataType dtype;
+  int64_t trail;  // per-block trailing axis length, 0 if the field is [out, nb]
+};
+
+template <class T>
+inline const T* field(const Problem& p, int k) {
+  return static_cast<const T*>(p.f[k]);
+}
+
+// Q4_0 {f16 d; u8 qs[16]}: x = d * (nibble - 8); low nibbles are elements 0-15.
+struct Q4_0 {
+  static constexpr const char* kName = "Q4_0";
+  static constexpr int QK = 32, NF = 2;
+  static constexpr bool kDense = false;
+  static constexpr FieldSpec kFields[NF] = {{ffi::DataType::F16, 0}, {ffi::DataType::U8, 16}};
+  template <class E>
+  static inline void block(const Problem& p, int64_t r, int64_t b, E&& emit) {
+    const int64_t i = r * p.nb + b;
+    const float d = f16_to_f32(field<uint16_t>(p, 0)[i]);
+    const v16b q = load_u8(field<uint8_t>(p, 1) + 16 * i);
+    emit(0, d * i32_to_f32(u8_to_i32(q & 15) - 8));
+    emit(1, d * i32_to_f32(u8_to_i32(q >> 4) - 8));
+  }
+};
+
+// Q4_1 {f16 d; f16 m; u8 qs[16]}: x = d * nibble + m.
+struct Q4_1 {
+  static constexpr const char* kName = "Q4_1";
+  static constexpr int QK = 32, NF = 3;
+  static constexpr bool kDense = false;
+  static constexpr FieldSpec kFields[NF] = {
+      {ffi::DataType::F16, 0}, {ffi::DataType::F16, 0}, {ffi::DataType::U8, 16}};
+  template <class E>
+  static inline void block(const Problem& p, int64_t r, int64_t b, E&& emit) {
+    const int64_t i = r * p.nb + b;
+    const float d = f16_to_f32(field<uint16_t>(p, 0)[i]);
+    const float m = f16_to_f32(field<uint16_t>(p, 1)[i]);
+    const v16b q = load_u8(field<uint8_t>(p, 2) + 16 * i);
+    emit(0, d * u8_to_f32(q & 15) + m);
+    emit(1, d * u8_to_f32(q >> 4) + m);
+  }
+};
+
+// The fifth bits of a q5_0/q5_1 block: element e takes bit e of the little-endian u32 qh.
+inline void q5_high_bits(const uint8_t* qh, v16i& h_lo, v16i& h_hi) {
+  uint32_t bits;
+  std::memcpy(&bits, qh, 4);
+  const v16u lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const v16u all = v16u{} + bits;
+  h_lo = reinterpret_cast<v16i>(((all >> lane) & 1u) << 4);
+  h_hi = reinterpret_cast<v16i>(((all >> (lane + 16u)) & 1u) << 4);
+}
+
+// Q5_0 {f16 d; u8 qh[4]; u8 qs[16]}: x = d * (q5 - 16).
+struct Q5_0 {
+  static constexpr const char* kName = "Q5_0";
+  static constexpr int QK = 32, NF = 3;
+  static constexpr bool kDense = false;
+  static constexpr FieldSpec kFields[NF] = {
+      {ffi::DataType::F16, 0}, {ffi::DataType::U8, 4}, {ffi::DataType::U8, 16}};
+  template <class E>
+  static inline void block(const Problem& p, int64_t r, int64_t b, E&& emit) {
+    const int64_t i = r * p.nb + b;
+    const float d = f16_to_f32(field<uint16_t>(p, 0)[i]);
+    v16i h_lo, h_hi;
+    q5_high_bits(field<uint8_t>(p, 1) + 4 * i, h_lo, h_hi);
+    const v16b q = load_u8(field<uint8_t>(p, 2) + 16 * i);
+    emit(0, d * i32_to_f32((u8_to_i32(q & 15) | h_lo) - 16));
+    emit(1, d * i32_to_f32((u8_to_i32(q >> 4) | h_hi) - 16));
+  }
+};
+
+// Q5_1 {f16 d; f16 m; u8 qh[4]; u8 qs[16]}: x = d * q5 + m.
+struct Q5_1 {
+  static constexpr const char* kName = "Q5_1";
+  static constexpr int QK = 32, NF = 4;
+  static constexpr bool kDense = false;
+  static constexpr FieldSpec kFields[NF] = {{ffi::DataType::F16, 0},
+                                            {ffi::DataType::F16, 0},
+                                            {ffi::DataType::U8, 4},
+                                            {ffi::DataType::U8, 16}};
+  template <class E>
+  static inline void block(const Problem& p, int64_t r, int64_t b, E&& emit) {
+    const int64_t i = r * p.nb + b;
+    const float d = f16_to_f32(field<uint16_t>(p, 0)[i]);
+    const float m = f16_to_f32(field<uint16_t>(p, 1)[i]);
+    v16i h_lo, h_hi;
+    q5_high_bits(field<uint8_t>(p, 2) + 4 * i, h_lo, h_hi);
+    const v16b q = load_u8(field<uint8_t>(p, 3) + 16 * i);
+    emit(0, d * i32_to_f32(u8_to_i32(q & 15) | h_lo) + m);
+    emit(1, d * i32_to_f32(u8_to_i32(q >> 4) | h_hi) + m);
+  }
+};
+
+// Q8_0 {f16 d; i8 qs[32]}: x = d * q.
+struct Q8_0 {
+  static constexpr const char* kName = "Q8_0";
+  static constexpr int QK = 32, NF = 2;
+  static constexpr bool kDense = false;
+  static constexpr FieldSpec kFields[NF] = {{ffi::DataType::F16, 0}, {ffi::DataType::S8, 32}};
+  template <class E>
+  static inline void block(const Problem& p, int64_t r, int64_t b, E&& emit) {
+    const int64_t i = r * p.nb + b;
+    const float d = f16_to_f32(field<uint16_t>(p, 0)[i]);
+    const int8_t* qs = field<int8_t>(p, 1) + 32 * i;
+    v16sb q0, q1;
+    std::memcpy(&q0, qs, 16);
+    std::memcpy(&q1, qs + 16, 16);
+    emit(0, d * i32_to_f32(s8_to_i32(q0)));
+    emit(1, d * i32_to_f32(s8_to_i32(q1)));
+  }
+};
+
+// Q2_K {u8 scales[16]; u8 qs[64]; f16 d; f16 dmin}: x = (d*sc)*q - (dmin*mn) per 16 elements.
+struct Q2_K {
+  static constexpr const char* kName = "Q2_K";
+  static constexpr int QK = 256, NF = 4;
+  static constexpr bool kDense = false;
+  static constexpr FieldSpec kFields[NF] = {{ffi::DataType::U8, 16},
+                                            {ffi::DataType::U8, 64},
+                                            {ffi::DataType::F16, 0},
+                                            {ffi::DataType::F16, 0}};
+  template <class E>
+  static inline void block(const Problem& p, int64_t r, int64_t b, E&& emit) {
+    const int64_t i = r * p.nb + b;
+    const uint8_t* sc = field<uint8_t>(p, 0) + 16 * i;
+    const uint8_t* qs = field<uint8_t>(p, 1) + 64 * i;
+    const float d = f16_to_f32(field<uint16_t>(p, 2)[i]);
+    const float dmin = f16_to_f32(field<uint16_t>(p, 3)[i]);
+    // run c = 8*half + 2*j + k: bytes qs[32*half + 16*k ..], shift 2j, scale sc[c]
+    for (int h = 0; h < 2; ++h) {
+      for (int k = 0; k < 2; ++k) {
+        const v16b q = load_u8(qs + 32 * h + 16 * k);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const int c = 8 * h + 2 * j + k;
+          const float dl = d * static_cast<float>(sc[c] & 0xF);
+          const float ml = dmin * static_cast<float>(sc[c] >> 4);
+          emit(c, dl * u8_to_f32((q >> (2 * j)) & 3) - ml);
+        }
+      }
+    }
+  }
+};
+
+// Q3_K {u8 hmask[32]; u8 qs[64]; u8 scales[12]; f16 d}: x = (d*(sc-32)) * (q2 - 4*!hbit).
+struct Q3_K {
+  static constexpr const char* kName = "Q3_K";
+  static constexpr int QK = 256, NF = 4;
+  static constexpr bool kDense = false;
+  static constexpr FieldSpec kFields[NF] = {{ffi::DataType::U8, 32},
+                                            {ffi::DataType::U8, 64},
+                                            {ffi::DataType::U8, 12},
+                                            {ffi::DataType::F16, 0}};
+  template <class E>
+  static inline void block(const Problem& p, int64_t r, int64_t b, E&& emit) {
+    const int64_t i = r * p.nb + b;
+    const uint8_t* hm = field<uint8_t>(p, 0) + 32 * i;
+    const uint8_t* qs = field<uint8_t>(p, 1) + 64 * i;
+    const float d = f16_to_f32(field<uint16_t>(p, 3)[i]);
+    // 16 6-bit scales from 12 bytes, as ggml's dequantize_row_q3_K (kmask1/kmask2 shuffle)
+    uint32_t aux[4];
+    std::memcpy(aux, field<uint8_t>(p, 2) + 12 * i, 12);
+    const uint32_t tmp = aux[2];
+    aux[2] = ((aux[0] >> 4) & 0x0f0f0f0fu) | (((tmp >> 4) & 0x03030303u) << 4);
+    aux[3] = ((aux[1] >> 4) & 0x0f0f0f0fu) | (((tmp >> 6) & 0x03030303u) << 4);
+    aux[0] = (aux[0] & 0x0f0f0f0fu) | (((tmp >> 0) & 0x03030303u) << 4);
+    aux[1] = (aux[1] & 0x0f0f0f0fu) | (((tmp >> 2) & 0x03030303u) << 4);
+    int8_t sc[16];
+    std::memcpy(sc, aux, 16);
+    // run c = 8*half + 2*j + k: low bits qs[32*half + 16*k ..] >> 2j, high bit 4*half + j of
+    // hmask[16*k ..]
+    for (int k = 0; k < 2; ++k) {
+      const v16b hk = load_u8(hm + 16 * k);
+      for (int h = 0; h < 2; ++h) {
+        const v16b q = load_u8(qs + 32 * h + 16 * k);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const int c = 8 * h + 2 * j + k;
+          const float dl = d * static_cast<float>(sc[c] - 32);
+          const v16i q2 = u8_to_i32((q >> (2 * j)) & 3);
+          const v16i hb = u8_to_i32((hk >> (4 * h + j)) & 1);
+          emit(c, dl * i32_to_f32(q2 + (hb << 2) - 4));
+        }
+      }
+    }
+  }
+};
+
+// get_scale_min_k4 for all 8 sub-blocks of a Q4_K/Q5_K super-block: d*sc and dmin*mn.
+inline void k4_scales(const uint8_t* s, float d, float dmin, float* dl, float* ml) {
+  for (int j = 0; j < 4; ++j) {
+    dl[j] = d * static_cast<float>(s[j] & 63);
+    ml[j] = dmin * static_cast<float>(s[j + 4] & 63);
+    dl[j + 4] = d * static_cast<float>((s[j + 8] & 0xF) | ((s[j] >> 6) << 4));
+    ml[j + 4] = dmin * static_cast<float>((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
+  }
+}
+
+#if defined(__AVX512F__)
+// The same 16 numbers with vector arithmetic: s[0..7] = d*sc, s[8..15] = -(dmin*mn) (the sign
+// flip is exact). The 6-bit fields are regrouped into bytes sc[0..7], mn[0..7] first.
+inline void k4_scales_vec(const uint8_t* s12, float d, float dmin, float* s) {
+  uint32_t u[4];
+  std::memcpy(u, s12, 12);
+  const uint32_t lo6 = 0x3f3f3f3fu, lo4 = 0x0f0f0f0fu, top2 = 0x03030303u;
+  u[3] = ((u[2] >> 4) & lo4) | (((u[1] >> 6) & top2) << 4);  // mn[4..7]
+  const uint32_t mn03 = u[1] & lo6;                            // mn[0..3]
+  u[1] = (u[2] & lo4) | (((u[0] >> 6) & top2) << 4);          // sc[4..7]
+  u[2] = mn03;
+  u[0] &= lo6;  // sc[0..3]
+  const __m512 v = _mm512_cvtepi32_ps(
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u))));
+  const __m512 scale = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(d), _mm512_set1_ps(-dmin));
+  _mm512_store_ps(s, _mm512_mul_ps(v, scale));
+}
+#endif
+
+// Q4_K {f16 d; f16 dmin; u8 scales[12]; u8 qs[128]}: x = (d*sc)*q - (dmin*mn) per 32 elements;
+// bytes qs[32g ..] hold sub-block 2g in their low nibbles and 2g+1 in their high nibbles.
+struct Q4_K {
+  static constexpr const char* kName = "Q4_K";
+  static constexpr int QK = 256, NF = 4;
+  static constexpr bool kDense = false;
+  static constexpr FieldSpec kFields[NF] = {{ffi::DataType::F16, 0},
+                                            {ffi::DataType::F16, 0},
+                                            {ffi::DataType::U8, 12},
+                                            {ffi::DataType::U8, 128}};
+
+  template <class E>
+  static inline void block(const Problem& p, int64_t r, int64_t b, E&& emit) {
+    const int64_t i = r * p.nb + b;
+    const float d = f16_to_f32(field<uint16_t>(p, 0)[i]);
+    const float dmin = f16_to_f32(field<uint16_t>(p, 1)[i]);
+    const uint8_t* qs = field<uint8_t>(p, 3) + 128 * i;
+#if defined(__AVX512F__)
+    // A 16-entry table per sub-block, T[k] = d*sc*k - dmin*mn (exact, see the top of the file),
+    // indexed by the nibbles themselves: vpermps reads only the low 4 bits of each index lane.
+    alignas(64) float s[16];  // d*sc[0..7], -dmin*mn[0..7]
+    k4_scales_vec(field<uint8_t>(p, 2) + 12 * i, d, dmin, s);
+    // T = iota * d*sc + (-dmin*mn) as a multiply and an add whose scalar operands are
+    // broadcast by the loads ({1to16}): a fused multiply-add (same value: the product is
+    // exact) would need one broadcast on the shuffle pipes that vpermps already keeps busy.
+    // The masked intrinsics keep -ffp-contract from fusing them; loads through `sl` keep GCC
+    // from replacing the broadcast loads with shuffles of the vector just stored.
+    const float* sl = launder(s);
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    auto table = [&](int t) {
+      const __m512 prod = _mm512_maskz_mul_ps(0xffff, iota, _mm512_set1_ps(sl[t]));
+      return _mm512_maskz_add_ps(0xffff, prod, _mm512_set1_ps(sl[8 + t]));
+    };
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      const __m512 t_lo = table(2 * g), t_hi = table(2 * g + 1);
+#pragma GCC unroll 2
+      for (int k = 0; k < 2; ++k) {
+        const __m512i q = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 32 * g + 16 * k)));
+        emit(4 * g + k, reinterpret_cast<v16f>(_mm512_permutexvar_ps(q, t_lo)));
+        emit(4 * g + 2 + k,
+             reinterpret_cast<v16f>(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), t_hi)));
+      }
+    }
+#else
+    float dl[8], ml[8];
+    k4_scales(field<uint8_t>(p, 2) + 12 * i, d, dmin, dl, ml);
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+#pragma GCC unroll 2
+      for (int k = 0; k < 2; ++k) {
+        const v16b q = load_u8(qs + 32 * g + 16 * k);
+        emit(4 * g + k, dl[2 * g] * u8_to_f32(q & 15) - ml[2 * g]);
+        emit(4 * g + 2 + k, dl[2 * g + 1] * u8_to_f32(q >> 4) - ml[2 * g + 1]);
+      }
+    }
+#endif
+  }
+};
+
+// Q5_K {f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}: as Q4_K with a fifth bit:
+// bit t of qh[l] belongs to element 32t + l.
+struct Q5_K {
+  static constexpr const char* kName = "Q5_K";
+  static constexpr int QK = 256, NF = 5;
+  static constexpr bool kDense = false;
+  static constexpr FieldSpec kFields[NF] = {{ffi::DataType::F16, 0},
+                                            {ffi::DataType::F16, 0},
+                                            {ffi::DataType::U8, 12},
+                                            {ffi::DataType::U8, 32},
+                                            {ffi::DataType::U8, 128}};
+  template <class E>
+  static inline void block(const Problem& p, int64_t r, int64_t b, E&& emit) {
+    const int64_t i = r * p.nb + b;
+    float dl[8], ml[8];
+    k4_scales(field<uint8_t>(p, 2) + 12 * i, f16_to_f32(field<uint16_t>(p, 0)[i]),
+              f16_to_f32(field<uint16_t>(p, 1)[i]), dl, ml);
+    const uint8_t* qh = field<uint8_t>(p, 3) + 32 * i;
+    const uint8_t* qs = field<uint8_t>(p, 4) + 128 * i;
+#pragma GCC unroll 2
+    for (int k = 0; k < 2; ++k) {
+      const v16b h = load_u8(qh + 16 * k);
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const v16b q = load_u8(qs + 32 * g + 16 * k);
+        const v16b lo = (q & 15) | (((h >> (2 * g)) & 1) << 4);
+        const v16b hi = (q >> 4) | (((h >> (2 * g + 1)) & 1) << 4);
+        emit(4 * g + k, dl[2 * g] * u8_to_f32(lo) - ml[2 * g]);
+        emit(4 * g + 2 + k, dl[2 * g + 1] * u8_to_f32(hi) - ml[2 * g + 1]);
+      }
+    }
+  }
+};
+
+// Q6_K {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}: x = (d*sc)*(q6 - 32) per 16 elements.
+// Per half h of 128 elements, run c (0..3) of 32: low 4 bits from ql[64h + 32(c&1) ..] (low
+// nibble for c < 2, high for c >= 2), high 2 bits from qh[32h ..] >> 2c.
+struct Q6_K {
+  static constexpr const char* kName = "Q6_K";
+  static constexpr int QK = 256, NF = 4;
+  static constexpr bool kDense = false;
+  static constexpr FieldSpec kFields[NF] = {{ffi::DataType::U8, 128},
+                                            {ffi::DataType::U8, 64},
+                                            {ffi::DataType::S8, 16},
+                                            {ffi::DataType::F16, 0}};
+  template <class E>
+  static inline void block(const Problem& p, int64_t r, int64_t b, E&& emit) {
+    const int64_t i = r * p.nb + b;
+    const uint8_t* ql = field<uint8_t>(p, 0) + 128 * i;
+    const uint8_t* qh = field<uint8_t>(p, 1) + 64 * i;
+    const int8_t* sc = field<int8_t>(p, 2) + 16 * i;
+    const float d = f16_to_f32(field<uint16_t>(p, 3)[i]);
+#if defined(__AVX512BW__)
+    // Whole halves at once: 64 ql bytes hold runs 0, 1 (low nibbles) and 2, 3 (high nibbles);
+    // the 32 qh bytes, doubled as [qh, qh >> 2], give runs 0, 1 (bits 0-1) and 2, 3 (bits 4-5).
+    // q6 - 32 goes to a stack buffer in run order (16 bytes per run s), then widens from there.
+    alignas(64) int8_t q[256];  // q6 - 32 in run order
+    alignas(64) float dl[16];  // d * sc[s], exact
+    _mm512_store_ps(dl, _mm512_mul_ps(_mm512_set1_ps(d),
+                                      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                          reinterpret_cast<const __m128i*>(sc))))));
+    const __m512i m0f = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+    const __m512i c32 = _mm512_set1_epi8(32);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __m512i l = _mm512_loadu_si512(ql + 64 * h);
+      const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * h));
+      const __m512i hs =
+          _mm512_inserti64x4(_mm512_castsi256_si512(hb), _mm256_srli_epi16(hb, 2), 1);
+      // (a & b) | c is ternary-logic 0xEA
+      const __m512i lo = _mm512_ternarylogic_epi32(
+          l, m0f, _mm512_and_si512(_mm512_slli_epi16(hs, 4), m30), 0xEA);
+      const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(l, 4), m0f,
+                                                   _mm512_and_si512(hs, m30), 0xEA);
+      _mm512_store_si512(q + 128 * h, _mm512_sub_epi8(lo, c32));
+      _mm512_store_si512(q + 128 * h + 64, _mm512_sub_epi8(hi, c32));
+    }
+    // reload q and dl from memory (widening loads, broadcast loads) instead of the extracts
+    // and shuffles GCC would substitute
+    const int8_t* qm = launder(q);
+    const float* dlm = launder(dl);
+#pragma GCC unroll 16
+    for (int s = 0; s < 16; ++s) {
+      const __m512i q32 =
+          _mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(qm + 16 * s)));
+      const __m512 qf = _mm512_cvtepi32_ps(q32);
+      emit(s, reinterpret_cast<v16f>(_mm512_mul_ps(_mm512_set1_ps(dlm[s]), qf)));
+    }
+#else
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+#pragma GCC unroll 2
+      for (int k = 0; k < 2; ++k) {
+        const v16b l0 = load_u8(ql + 64 * h + 16 * k);
+        const v16b l1 = load_u8(ql + 64 * h + 32 + 16 * k);
+        const v16b hb = load_u8(qh + 32 * h + 16 * k);
+        const v16b q[4] = {(l0 & 15) | ((hb & 3) << 4), (l1 & 15) | (((hb >> 2) & 3) << 4),
+                           (l0 >> 4) | (((hb >> 4) & 3) << 4), (l1 >> 4) | ((hb >> 6) << 4)};
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {
+          const int s = 8 * h + 2 * c + k;  // run of 16 = scale index
+          const float dl = d * static_cast<float>(sc[s]);
+          emit(s, dl * i32_to_f32(u8_to_i32(q[c]) - 32));
+        }
+      }
+    }
+#endif
+  }
+};
+
+// Dense formats: a "block" is a run of 16 consecutive values; the row tail (in % 16) is scalar.
+struct F32 {
+  static constexpr const char* kName = "F32";
+  static constexpr int QK = 16, NF = 1;
+  static constexpr bool kDense = true;
+  static constexpr FieldSpec kFields[NF] = {{ffi::DataType::F32, 0}};
+  template <class E>
+  static inline void block(const Problem& p, int64_t r, int64_t b, E&& emit) {
+    emit(0, load_f32(field<float>(p, 0) + r * p.in + 16 * b));
+  }
+  static inline float scalar(const Problem& p, int64_t r, int64_t e) {
+    return field<float>(p, 0)[r * p.in + e];
+  }
+};
+
+struct F16 {
+  static constexpr const char* kName = "F16";
+  static constexpr int QK = 16, NF = 1;
+  static constexpr bool kDense = true;
+  static constexpr FieldSpec kFields[NF] = {{ffi::DataType::F16, 0}};
+  template <class E>
+  static inline void block(const Problem& p, int64_t r, int64_t b, E&& emit) {
+    emit(0, f16x16_to_f32(field<uint16_t>(p, 0) + r * p.in + 16 * b));
+  }
+  static inline float scalar(const Problem& p, int64_t r, int64_t e) {
+    return f16_to_f32(field<uint16_t>(p, 0)[r * p.in + e]);
+  }
+};
+
+struct BF16 {
+  static constexpr const char* kName = "BF16";
+  static constexpr int QK = 16, NF = 1;
+  static constexpr bool kDense = true;
+  static constexpr FieldSpec kFields[NF] = {{ffi::DataType::BF16, 0}};
+  template <class E>
+  static inline void block(const Problem& p, int64_t r, int64_t b, E&& emit) {
+    emit(0, bf16x16_to_f32(field<uint16_t>(p, 0) + r * p.in + 16 * b));
+  }
+  static inline float scalar(const Problem& p, int64_t r, int64_t e) {
+    return bf16_to_f32(field<uint16_t>(p, 0)[r * p.in + e]);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The kernel: weight rows [r0, r1) against activation rows [m0, m0 + MB).
+
+#if defined(__AVX512F__)
+// Lane sums of 16 vectors at once, lane r of the result = sum of v[r] (a shuffle-add tree:
+// 45 vector ops for 16 rows instead of ~11 dependent ones per row).
+inline v16f reduce16(const v16f* v) {
+  __m512 a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k) {  // a[k]: 8 partial sums of row 2k, then 8 of row 2k+1
+    const __m512 x = reinterpret_cast<__m512>(v[2 * k]), y = reinterpret_cast<__m512>(v[2 * k + 1]);
+    a[k] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+  }
+  for (int k = 0; k < 4; ++k) {  // b[k]: quarter j = 4 partial sums of row 4k + j
+    b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xDD));
+  }
+  for (int k = 0; k < 2; ++k) {  // c[k]: quarter j = 2 sums of row 8k + j, 2 of row 8k + 4 + j
+    c[k] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0x44),
+                         _mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0xEE));
+  }
+  // lane 4j + t = row 4t + j; permute back to row order
+  const __m512 d = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88),
+                                 _mm512_shuffle_ps(c[0], c[1], 0xDD));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return reinterpret_cast<v16f>(_mm512_permutexvar_ps(order, d));
+}
+#endif
+
+// Row r of W against activation rows m0 .. m0+MB-1: the 16-lane partial sums, per row m.
+template <class F, int MB>
+inline void row_partials(const Problem& p, const float* x0, int64_t r, v16f* out) {
+  // independent accumulators per activation row, so that few rows still hide FMA latency;
+  // formats with short blocks take U blocks per step to use them all
+  constexpr int NA = MB >= 4 ? 1 : 4 / MB;
+  constexpr int CPB = F::QK / 16;  // runs of 16 per block
+  constexpr int U = CPB >= NA ? 1 : NA / CPB;
+  v16f acc[MB][NA];
+  for (int m = 0; m < MB; ++m)
+    for (int a = 0; a < NA; ++a) acc[m][a] = v16f{};
+  auto step = [&](int64_t b, int u) __attribute__((always_inline)) {
+    const float* xb = x0 + b * F::QK;
+    auto emit = [&](int c, v16f w) __attribute__((always_inline)) {
+      const int k = (u * CPB + c) % NA;
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[m][k] += w * load_f32(xb + m * p.in + 16 * c);
+    };
+    F::block(p, r, b, emit);
+  };
+  int64_t b = 0;
+  for (; b + U <= p.nb; b += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) step(b + u, u);
+  }
+  for (; b < p.nb; ++b) step(b, 0);
+  for (int m = 0; m < MB; ++m) {
+    v16f s = acc[m][0];
+    for (int a = 1; a < NA; ++a) s += acc[m][a];
+    out[m] = s;
+  }
+}
+
+// Weight rows [r0, r1) against activation rows [m0, m0 + MB): y[m, r] for each pair.
+template <class F, int MB>
+void rows_kernel(const Problem& p, int64_t m0, int64_t r0, int64_t r1) {
+  const float* x0 = p.x + m0 * p.in;
+  for (int64_t g = r0; g < r1; g += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, r1 - g));
+    v16f part[MB][16];  // [m][row in group]: partial sums still to be reduced over lanes
+    for (int k = 0; k < n; ++k) {
+      v16f row[MB];
+      row_partials<F, MB>(p, x0, g + k, row);
+      for (int m = 0; m < MB; ++m) part[m][k] = row[m];
+    }
+    for (int m = 0; m < MB; ++m) {
+      float* y = p.y + (m0 + m) * p.out + g;
+#if defined(__AVX512F__)
+      if (n == 16) {
+        const v16f sums = reduce16(part[m]);
+        std::memcpy(y, &sums, sizeof sums);
+      } else
+#endif
+      {
+        for (int k = 0; k < n; ++k) y[k] = hsum(part[m][k]);
+      }
+      if constexpr (F::kDense) {  // the row tails, in % 16 values
+        const float* xm = x0 + m * p.in;
+        for (int k = 0; k < n; ++k) {
+          for (int64_t e = p.nb * F::QK; e < p.in; ++e) y[k] += F::scalar(p, g + k, e) * xm[e];
+        }
+      }
+    }
+  }
+}
+
+// Kernels exist for 1-4 and kMaxRows activation rows per pass (fewer instantiations, a faster
+// build); 5-7 leftover rows take two passes.
+template <class F>
+void rows_dispatch(int mb, const Problem& p, int64_t m0, int64_t r0, int64_t r1) {
+  switch (mb) {
+    case 1: return rows_kernel<F, 1>(p, m0, r0, r1);
+    case 2: return rows_kernel<F, 2>(p, m0, r0, r1);
+    case 3: return rows_kernel<F, 3>(p, m0, r0, r1);
+    case 4: return rows_kernel<F, 4>(p, m0, r0, r1);
+#if defined(__AVX512F__)
+    case kMaxRows: return rows_kernel<F, kMaxRows>(p, m0, r0, r1);
+#endif
+    default: return;
+  }
+}
+
+// Weight rows [r0, r1) against all activation rows. With several activation passes the rows go
+// in tiles small enough to stay in L1 while every pass goes over them.
+template <class F>
+void rows_all(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t tile = p.m > kMaxRows ? 16 : std::max<int64_t>(r1 - r0, 1);
+  for (int64_t t0 = r0; t0 < r1; t0 += tile) {
+    const int64_t t1 = std::min(t0 + tile, r1);
+    for (int64_t m0 = 0; m0 < p.m;) {
+      const int64_t left = p.m - m0;
+      const int mb = static_cast<int>(left >= kMaxRows ? kMaxRows : std::min<int64_t>(left, 4));
+      rows_dispatch<F>(mb, p, m0, t0, t1);
+      m0 += mb;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Thread pool: N-1 workers plus the caller share a job's chunks through one atomic ticket
+// (generation << 32 | next chunk). The caller takes chunks too, so a descheduled worker (an
+// oversubscribed machine) only costs the chunk it holds; one job at a time.
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool();  // never destroyed: workers live as long as the process
+    return *pool;
+  }
+
+  int size() const { return n_; }
+
+  // Runs fn(c) for every chunk c in [0, chunks) on the caller and the workers; false (nothing
+  // run) if another call holds the pool.
+  template <class Fn>
+  bool run(int chunks, Fn& fn) {
+    if (n_ < 2) return false;
+    start();
+    std::unique_lock<std::mutex> busy(submit_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    ctx_.store(&fn, std::memory_order_relaxed);
+    call_.store([](void* ctx, int c) { (*static_cast<Fn*>(ctx))(c); }, std::memory_order_relaxed);
+    chunks_.store(chunks, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (ticket_.load(std::memory_order_relaxed) >> 32) + 1;
+    ticket_.store(gen << 32, std::memory_order_seq_cst);  // publishes the job
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lk(m_);
+      cv_.notify_all();
+    }
+    work(gen);
+    // only chunks a worker already took remain; yield if one takes long (preempted worker)
+    for (int spins = 0; done_.load(std::memory_order_acquire) < chunks; ++spins) {
+      if (spins < 4096) {
+        cpu_relax();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    return true;
+  }
+
+ private:
+  Pool() {
+    int n = static_cast<int>(std::thread::hardware_concurrency());
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) n = CPU_COUNT(&set);
+#endif
+    if (const char* env = std::getenv("RWKV_JAX_NATIVE_THREADS")) n = std::atoi(env);
+    n_ = std::clamp(n, 1, 64);
+  }
+
+  // Our workers start on first use (calls on XLA's pool never need them).
+  void start() {
+    std::call_once(started_, [this] {
+      for (int t = 1; t < n_; ++t) std::thread([this] { worker(); }).detach();
+    });
+  }
+
+  // Take and run chunks of job `gen` until none is left or a newer job replaced it.
+  void work(uint64_t gen) {
+    uint64_t t = ticket_.load(std::memory_order_acquire);
+    while ((t >> 32) == gen) {
+      const int c = static_cast<int>(t & 0xffffffffu);
+      if (c >= chunks_.load(std::memory_order_relaxed)) return;
+      // read before the CAS: if it succeeds, chunk c was untaken, so the job had not completed
+      // and no newer job had replaced these fields
+      void (*call)(void*, int) = call_.load(std::memory_order_relaxed);
+      void* ctx = ctx_.load(std::memory_order_relaxed);
+      if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) {
+        call(ctx, c);
+        done_.fetch_add(1, std::memory_order_acq_rel);
+        t = ticket_.load(std::memory_order_acquire);
+      }
+    }
+  }
+
+  void worker() {
+    uint64_t seen = 0;
+    for (;;) {
+      // spin a while (decode issues many small calls back to back), then sleep
+      const auto t0 = std::chrono::steady_clock::now();
+      uint64_t gen;
+      int spins = 0;
+      while ((gen = ticket_.load(std::memory_order_acquire) >> 32) == seen) {
+        cpu_relax();
+        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - t0 > kSpin) {
+          std::unique_lock<std::mutex> lk(m_);
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          cv_.wait(lk, [&] { return (ticket_.load(std::memory_order_seq_cst) >> 32) != seen; });
+          sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+        }
+      }
+      seen = gen;
+      work(gen);
+    }
+  }
+
+  static constexpr std::chrono::microseconds kSpin{100};
+  int n_ = 1;
+  std::once_flag started_;
+  std::mutex submit_;
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<int> done_{0};
+  std::atomic<int> sleepers_{0};
+  // the current job (written only while no chunk of the previous job is outstanding)
+  std::atomic<void (*)(void*, int)> call_{nullptr};
+  std::atomic<void*> ctx_{nullptr};
+  std::atomic<int> chunks_{0};
+  std::mutex m_;
+  std::condition_variable cv_;
+};
+
+// Below this many multiply-adds (~20 us on one core) a call stays on the calling thread.
+constexpr double kParallelMacs = 1 << 19;
+
+template <class F>
+void run(const Problem& p) {
+  Pool& pool = Pool::get();
+  const int n = pool.size();  // threads this call may use (RWKV_JAX_NATIVE_THREADS, CPUs)
+  const double macs = static_cast<double>(p.out) * p.in * (p.m + 2);  // +2: unpacking work
+  if (n > 1 && p.out >= 32 && macs >= kParallelMacs) {
+    // a few chunks per thread (balance when a thread is slow; long runs of rows keep the
+    // hardware prefetchers streaming), multiples of 16 rows
+    constexpr int per = 8;
+    const int64_t step = std::max<int64_t>(16, (p.out + per * n - 1) / (per * n) / 16 * 16);
+    const int chunks = static_cast<int>((p.out + step - 1) / step);
+    auto task = [&](int c) { rows_all<F>(p, c * step, std::min<int64_t>(p.out, (c + 1) * step)); };
+    if (pool.run(chunks, task)) return;
+  }
+  rows_all<F>(p, 0, p.out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// FFI glue: x f32 [M, in], layer s32 [], the format's fields, result f32 [M, out]. Fields are
+// either one weight ([out, nb, *trail]) or a stack of weights ([L, out, nb, *trail]) of which
+// `layer` picks one (clamped to [0, L-1] as a dynamic slice would be); passing the stack avoids
+// the copy XLA makes when a stacked weight is sliced before a custom call.
+
+std::string dims_str(ffi::Span<const int64_t> d) {
+  std::string s = "[";
+  for (size_t k = 0; k < d.size(); ++k) s += (k ? ", " : "") + std::to_string(d[k]);
+  return s + "]";
+}
+
+int64_t byte_width(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32: return 4;
+    case ffi::DataType::F16:
+    case ffi::DataType::BF16: return 2;
+    default: return 1;  // U8, S8
+  }
+}
+
+// Byte fields may come as uint8 or int8 (the bytes are what matters: quant.py stores uint8
+// fields as int8 views under its metal-safe profile).
+bool same_kind(ffi::DataType got, ffi::DataType want) {
+  const auto byte = [](ffi::DataType t) {
+    return t == ffi::DataType::U8 || t == ffi::DataType::S8;
+  };
+  return got == want || (byte(got) && byte(want));
+}
+
+template <class F>
+ffi::Error call(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                const ffi::AnyBuffer* const* fields, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto xd = x.dimensions(), yd = y->dimensions();
+  const std::string where = std::string("rwkv_jax native ") + F::kName + " matmul: ";
+  if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0] || layer.element_count() != 1) {
+    return ffi::Error::InvalidArgument(where +
+                                       "x must be [M, in], y [M, out], layer a scalar; got x " +
+                                       dims_str(xd) + ", y " + dims_str(yd));
+  }
+  Problem p{};
+  p.x = x.typed_data();
+  p.y = y->typed_data();
+  p.m = xd[0];
+  p.in = xd[1];
+  p.out = yd[1];
+  if (!F::kDense && p.in % F::QK != 0) {
+    return ffi::Error::InvalidArgument(where + "in = " + std::to_string(p.in) +
+                                       " is not a multiple of the block size");
+  }
+  p.nb = p.in / F::QK;
+  const int64_t nb_field = F::kDense ? p.in : p.nb;  // dense fields are [out, in]
+  int64_t stack = -1;                                // layers in the stack, 0 = unstacked
+  for (int k = 0; k < F::NF; ++k) {
+    const ffi::AnyBuffer& a = *fields[k];
+    const auto d = a.dimensions();
+    const FieldSpec& s = F::kFields[k];
+    const size_t rank = s.trail ? 3u : 2u;
+    const int64_t lead = d.size() == rank + 1 ? d[0] : 0;
+    const size_t o = lead ? 1 : 0;  // offset of the per-weight dims
+    const bool ok = same_kind(a.element_type(), s.dtype) && (d.size() == rank || (lead > 0)) &&
+                    (stack < 0 || stack == lead) && d[o] == p.out && d[o + 1] == nb_field &&
+                    (!s.trail || d[o + 2] == s.trail);
+    if (!ok) {
+      return ffi::Error::InvalidArgument(
+          where + "field " + std::to_string(k) + " has shape " + dims_str(d) +
+          " or the wrong dtype; expected [(L,) " + std::to_string(p.out) + ", " +
+          std::to_string(nb_field) + (s.trail ? ", " + std::to_string(s.trail) : "") +
+          "] with the same L for every field");
+    }
+    stack = lead;
+    const int64_t per_weight = p.out * nb_field * (s.trail ? s.trail : 1) * byte_width(s.dtype);
+    const int64_t l = lead ? std::clamp<int64_t>(layer.typed_data()[0], 0, lead - 1) : 0;
+    p.f[k] = static_cast<const char*>(a.untyped_data()) + l * per_weight;
+  }
+  if (p.m > 0 && p.out > 0) run<F>(p);
+  return ffi::Error::Success();
+}
+
+using XBuf = ffi::Buffer<ffi::F32>;
+using LBuf = ffi::Buffer<ffi::S32>;
+using YBuf = ffi::Result<ffi::Buffer<ffi::F32>>;
+using ABuf = ffi::AnyBuffer;
+
+template <class F>
+ffi::Error h1(XBuf x, LBuf l, ABuf a, YBuf y) {
+  const ABuf* f[] = {&a};
+  return call<F>(x, l, f, y);
+}
+template <class F>
+ffi::Error h2(XBuf x, LBuf l, ABuf a, ABuf b, YBuf y) {
+  const ABuf* f[] = {&a, &b};
+  return call<F>(x, l, f, y);
+}
+template <class F>
+ffi::Error h3(XBuf x, LBuf l, ABuf a, ABuf b, ABuf c, YBuf y) {
+  const ABuf* f[] = {&a, &b, &c};
+  return call<F>(x, l, f, y);
+}
+template <class F>
+ffi::Error h4(XBuf x, LBuf l, ABuf a, ABuf b, ABuf c, ABuf d, YBuf y) {
+  const ABuf* f[] = {&a, &b, &c, &d};
+  return call<F>(x, l, f, y);
+}
+template <class F>
+ffi::Error h5(XBuf x, LBuf l, ABuf a, ABuf b, ABuf c, ABuf d, ABuf e, YBuf y) {
+  const ABuf* f[] = {&a, &b, &c, &d, &e};
+  return call<F>(x, l, f, y);
+}
+
+}  // namespace
+
+#define RWKV_ARGS(N) RWKV_ARGS_##N
+#define RWKV_ARGS_1 .Arg<ffi::AnyBuffer>()
+#define RWKV_ARGS_2 RWKV_ARGS_1.Arg<ffi::AnyBuffer>()
+#define RWKV_ARGS_3 RWKV_ARGS_2.Arg<ffi::AnyBuffer>()
+#define RWKV_ARGS_4 RWKV_ARGS_3.Arg<ffi::AnyBuffer>()
+#define RWKV_ARGS_5 RWKV_ARGS_4.Arg<ffi::AnyBuffer>()
+#define RWKV_HANDLER(sym, F, N)                                                         \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(sym, h##N<F>,                                           \
+                                ffi::Ffi::Bind()                                        \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                       \
+                                    .Arg<ffi::Buffer<ffi::S32>>() RWKV_ARGS(N)          \
+                                    .Ret<ffi::Buffer<ffi::F32>>())
+
+RWKV_HANDLER(rwkv_qmatvec_F32, F32, 1);
+RWKV_HANDLER(rwkv_qmatvec_F16, F16, 1);
+RWKV_HANDLER(rwkv_qmatvec_BF16, BF16, 1);
+RWKV_HANDLER(rwkv_qmatvec_Q4_0, Q4_0, 2);
+RWKV_HANDLER(rwkv_qmatvec_Q4_1, Q4_1, 3);
+RWKV_HANDLER(rwkv_qmatvec_Q5_0, Q5_0, 3);
+RWKV_HANDLER(rwkv_qmatvec_Q5_1, Q5_1, 4);
+RWKV_HANDLER(rwkv_qmatvec_Q8_0, Q8_0, 2);
+RWKV_HANDLER(rwkv_qmatvec_Q2_K, Q2_K, 4);
+RWKV_HANDLER(rwkv_qmatvec_Q3_K, Q3_K, 4);
+RWKV_HANDLER(rwkv_qmatvec_Q4_K, Q4_K, 4);
+RWKV_HANDLER(rwkv_qmatvec_Q5_K, Q5_K, 5);
+RWKV_HANDLER(rwkv_qmatvec_Q6_K, Q6_K, 4);
+
+// The kernels without XLA (benchmarks, debugging): fields as in the FFI call, all C-contiguous.
+// Returns 0, or -1 for an unknown format name.
+extern "C" int rwkv_qmatvec_direct(const char* fmt, const float* x, const void* const* fields,
+                                   int64_t m, int64_t in, int64_t out, float* y) {
+  auto go = [&](auto tag) {
+    using F = decltype(tag);
+    Problem p{};
+    p.x = x;
+    p.y = y;
+    p.m = m;
+    p.in = in;
+    p.out = out;
+    p.nb = in / F::QK;
+    for (int k = 0; k < F::NF; ++k) p.f[k] = fields[k];
+    if (m > 0 && out > 0) run<F>(p);
+    return 0;
+  };
+  const std::string f(fmt);
+  if (f == "F32") return go(F32{});
+  if (f == "F16") return go(F16{});
+  if (f == "BF16") return go(BF16{});
+  if (f == "Q4_0") return go(Q4_0{});
+  if (f == "Q4_1") return go(Q4_1{});
+  if (f == "Q5_0") return go(Q5_0{});
+  if (f == "Q5_1") return go(Q5_1{});
+  if (f == "Q8_0") return go(Q8_0{});
+  if (f == "Q2_K") return go(Q2_K{});
+  if (f == "Q3_K") return go(Q3_K{});
+  if (f == "Q4_K") return go(Q4_K{});
+  if (f == "Q5_K") return go(Q5_K{});
+  if (f == "Q6_K") return go(Q6_K{});
+  return -1;
+}
+
+// What this build uses, for logs and benchmark reports.
+extern "C" const char* rwkv_qmatvec_info() {
+  static const std::string info =
+      std::string("isa=") +
+#if defined(__AVX512F__)
+      "avx512"
+#elif defined(__AVX2__)
+      "avx2"
+#elif defined(__ARM_NEON)
+      "neon"
+#else
+      "generic"
+#endif
+      + " threads=" + std::to_string(Pool::get().size()) +
+      " rows_per_pass=" + std::to_string(kMaxRows);
+  return info.c_str();
+}

@@ -1,0 +1,246 @@
+"""Native CPU matmul kernels (rwkv_jax/cpu_kernels.py + native/qmatvec.cc) vs float64 numpy.
+
+The first use compiles the C++ source (~10-30 s on 2 cores, cached in ~/.cache/rwkv_jax/native
+or $RWKV_JAX_CACHE/native); everything after that is fast.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from gguf.quants import dequantize as gguf_dequantize
+from jax import lax
+
+from rwkv_jax import cpu_kernels, quant
+from rwkv_jax.errors import RwkvJaxError
+
+FORMATS = [quant.FORMATS[int(getattr(quant, name).GGML_TYPE)] for name in cpu_kernels.FIELDS]
+DENSE = {quant.F32, quant.F16, quant.BF16}
+
+
+@pytest.fixture
+def _native():
+    """Skip where the kernels cannot be built (the build runs here, not at collection)."""
+    if not cpu_kernels.available():
+        pytest.skip(f"native CPU kernels: {cpu_kernels.reason()}")
+
+
+native = pytest.mark.usefixtures("_native")
+
+
+def _shape(cls: type[quant.Weight], out: int = 37) -> tuple[int, int]:
+    """(out, in) with several blocks per row (dense: an in that is not a multiple of 16)."""
+    return (out, {quant.QK_K: 512, 32: 96, 1: 71}[cls.BLOCK_ELEMS])
+
+
+def _raw(cls: type[quant.Weight], shape, rng: np.random.Generator) -> np.ndarray:
+    """Random block bytes with finite fp16 scales |v| in [1e-4, 1]; dense: normal(0, 1) values."""
+    out, n_in = shape
+    if cls in DENSE:
+        dtype = {quant.F32: np.float32, quant.F16: np.float16, quant.BF16: ml_dtypes.bfloat16}
+        return rng.standard_normal(shape).astype(dtype[cls]).reshape(-1).view(np.uint8)
+    raw = rng.integers(0, 256, out * cls.row_bytes(n_in), dtype=np.uint8)
+    rec = raw.view(cls.BLOCK)  # [out * nb] records sharing raw's bytes
+    for f in cls.BLOCK.names:
+        if cls.BLOCK[f] == np.float16:
+            mag = 10.0 ** rng.uniform(-4, 0, rec.shape)
+            rec[f] = (rng.choice([-1.0, 1.0], rec.shape) * mag).astype(np.float16)
+    return raw
+
+
+def _weight(cls: type[quant.Weight], shape, seed: int) -> tuple[quant.Weight, np.ndarray]:
+    """A packed weight and its values per gguf-py (float64 [out, in])."""
+    raw = _raw(cls, shape, np.random.default_rng(seed))
+    deq = gguf_dequantize(raw.reshape(shape[0], -1), cls.GGML_TYPE)
+    return cls.from_raw(raw, shape), deq.astype(np.float64)
+
+
+def _assert_dot_close(got, x: np.ndarray, deq: np.ndarray) -> None:
+    """got = x @ deq.T within the float32 dot-product error bound of tests/test_quant.py."""
+    want = x.astype(np.float64) @ deq.T
+    # Any order of n f32 multiply-adds has |err| <= gamma_n * sum|x_i w_i|, gamma_n =
+    # n*u/(1-n*u), u = 2^-24 (Higham, Thm 3.1), plus the final rounding; the kernels use the
+    # exact f32 weight values, so nothing else contributes.
+    n, u = x.shape[-1], 2.0**-24
+    bound = n * u / (1 - n * u) * (np.abs(x) @ np.abs(deq).T) + u * np.abs(want)
+    got = np.asarray(got)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    bad = ~(np.abs(got - want) <= bound)
+    assert not bad.any(), f"{bad.sum()} outside the bound, first at {np.argwhere(bad)[0]}"
+
+
+_matmul = jax.jit(cpu_kernels.matmul)
+
+
+def test_available_where_expected():
+    """With a C++ compiler, jax.ffi and RWKV_JAX_NATIVE unset, the kernels must build and load."""
+    import os
+
+    if os.environ.get("RWKV_JAX_NATIVE", "1") == "0":
+        pytest.skip("disabled by RWKV_JAX_NATIVE=0")
+    if cpu_kernels._compiler() is None or cpu_kernels._ffi() is None:
+        pytest.skip(f"no compiler or jax.ffi here: {cpu_kernels.reason()}")
+    assert cpu_kernels.available(), cpu_kernels.reason()
+    assert cpu_kernels.reason() == "ok" and "isa=" in cpu_kernels.info()
+
+
+@native
+@pytest.mark.parametrize("cls", FORMATS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_matmul_matches_numpy(cls, rows):
+    """Every format, 1 / 3 / 17 activation rows (17: two 8-row passes and a remainder)."""
+    shape = _shape(cls)
+    w, deq = _weight(cls, shape, seed=int(cls.GGML_TYPE))
+    x = np.random.default_rng(rows).standard_normal((rows, shape[1])).astype(np.float32)
+    assert cpu_kernels.supports(w)
+    _assert_dot_close(_matmul(w, x), x, deq)
+
+
+@native
+@pytest.mark.parametrize("cls", FORMATS, ids=lambda c: c.__name__)
+def test_identity_rows_give_ggml_values_exactly(cls):
+    """x = I gives y = Wᵀ bit for bit: each weight is dequantized to exactly ggml's float32.
+
+    One nonzero product 1*w per output plus sums of zeros, so any deviation is a wrong value.
+    M = in (512 rows for K-quants) also runs the many-row path (8-row passes over row tiles).
+    """
+    shape = _shape(cls)
+    w, deq = _weight(cls, shape, seed=50 + int(cls.GGML_TYPE))
+    got = np.asarray(_matmul(w, jnp.eye(shape[1], dtype=jnp.float32)))
+    np.testing.assert_array_equal(got, deq.T.astype(np.float32))
+
+
+@native
+@pytest.mark.parametrize(
+    "cls, out, rows",
+    [
+        (quant.Q4_K, 1, 1),  # a single output
+        (quant.Q4_K, 17, 20),  # out not a multiple of 16 (reduction groups), M > 8
+        (quant.Q6_K, 1000, 1),  # large enough to be split between threads, odd split
+        (quant.Q8_0, 999, 2),
+        (quant.F16, 1001, 1),
+        (quant.Q4_0, 33, 9),
+    ],
+)
+def test_odd_shapes(cls, out, rows):
+    """Outputs that do not divide into the thread split or 16-row groups; out = 1."""
+    shape = _shape(cls, out)
+    w, deq = _weight(cls, shape, seed=out)
+    x = np.random.default_rng(out).standard_normal((rows, shape[1])).astype(np.float32)
+    _assert_dot_close(_matmul(w, x), x, deq)
+
+
+@native
+def test_leading_axes_dtype_and_platform_dependent():
+    """x [2, 3, in] in bfloat16 -> float32 [2, 3, out]; works as the cpu branch of
+    lax.platform_dependent inside jit, as Weight.matmul will call it."""
+    shape = _shape(quant.Q4_K, 40)
+    w, deq = _weight(quant.Q4_K, shape, seed=3)
+    x = np.random.default_rng(0).standard_normal((2, 3, shape[1])).astype(ml_dtypes.bfloat16)
+
+    @jax.jit
+    def f(w, x):
+        return lax.platform_dependent(
+            x,
+            cpu=lambda x: cpu_kernels.matmul(w, x),
+            default=lambda x: w.matmul(x.astype(jnp.float32)),
+        )
+
+    got = f(w, jnp.asarray(x))
+    assert got.shape == (2, 3, 40) and got.dtype == jnp.float32
+    _assert_dot_close(np.asarray(got).reshape(6, 40), x.reshape(6, -1).astype(np.float32), deq)
+
+
+@native
+def test_stacked_weight_with_index():
+    """A stack [L, ...] indexed inside lax.scan equals each weight alone; the index clamps."""
+    shape = _shape(quant.Q4_K, 48)
+    pairs = [_weight(quant.Q4_K, shape, seed=10 + i) for i in range(3)]
+    ws = quant.stack([w for w, _ in pairs])
+    assert cpu_kernels.supports(ws, stacked=True) and not cpu_kernels.supports(ws)
+    x = np.random.default_rng(1).standard_normal((2, shape[1])).astype(np.float32)
+
+    @jax.jit
+    def per_layer(ws, x):
+        return lax.scan(lambda c, i: (c, cpu_kernels.matmul(ws, x, index=i)), 0, jnp.arange(3))[1]
+
+    ys = per_layer(ws, x)
+    for (w, deq), y in zip(pairs, ys, strict=True):
+        _assert_dot_close(y, x, deq)
+        np.testing.assert_array_equal(y, _matmul(w, x))  # same kernel, same order
+    # out-of-range indices clamp like a dynamic slice
+    np.testing.assert_array_equal(_matmul(ws, x, -4), ys[0])
+    np.testing.assert_array_equal(_matmul(ws, x, 7), ys[2])
+
+
+@native
+def test_vmap_over_activations():
+    """vmap of the matmul over a batch of x runs one call per slice (vmap_method=sequential)."""
+    shape = _shape(quant.Q8_0, 20)
+    w, deq = _weight(quant.Q8_0, shape, seed=4)
+    xs = np.random.default_rng(2).standard_normal((3, 2, shape[1])).astype(np.float32)
+    got = jax.jit(jax.vmap(lambda x: cpu_kernels.matmul(w, x)))(xs)
+    for x, y in zip(xs, got, strict=True):
+        _assert_dot_close(y, x, deq)
+
+
+@native
+def test_unsupported_weights_are_refused_and_int8_bytes_accepted():
+    """Field layouts the kernels do not know are refused (supports() False, matmul raises);
+    uint8 fields viewed as int8 (quant.py's metal-safe storage) are the same bytes."""
+    w, deq = _weight(quant.Q4_K, _shape(quant.Q4_K, 16), seed=5)
+    fields = {"shape": w.shape, "d": w.d, "dmin": w.dmin, "scales": w.scales, "qs": w.qs}
+    for bad in (
+        quant.Q4_K(**{**fields, "d": w.d.astype(jnp.float32)}),  # wrong dtype
+        quant.Q4_K(**{**fields, "scales": w.scales[..., :11]}),  # wrong per-block size
+        quant.Q4_K(**{**fields, "qs": w.qs[:8]}),  # rows disagree with the shape
+    ):
+        assert not cpu_kernels.supports(bad)
+        with pytest.raises(RwkvJaxError, match="cannot run"):
+            cpu_kernels.matmul(bad, jnp.zeros((1, 512)))
+    assert not cpu_kernels.supports(jnp.zeros((4, 4)))  # not a weight at all
+    as_int8 = quant.Q4_K(**{**fields, "scales": w.scales.view(jnp.int8), "qs": w.qs.view(jnp.int8)})
+    x = np.random.default_rng(0).standard_normal((2, 512)).astype(np.float32)
+    np.testing.assert_array_equal(_matmul(as_int8, x), _matmul(w, x))
+
+
+def test_disabled_and_missing_compiler(monkeypatch):
+    """RWKV_JAX_NATIVE=0 or no compiler: no library, and the reason says why (no exception)."""
+    monkeypatch.setenv("RWKV_JAX_NATIVE", "0")
+    state = cpu_kernels._load()
+    assert state.lib is None and "RWKV_JAX_NATIVE=0" in state.reason
+    monkeypatch.delenv("RWKV_JAX_NATIVE")
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+    if cpu_kernels._ffi() is not None:
+        state = cpu_kernels._load()
+        assert state.lib is None and "no C++ compiler" in state.reason
+
+
+@native
+def test_build_is_cached():
+    """A second build with the same source, compiler and CPU reuses the library (0 s)."""
+    path, seconds = cpu_kernels._build(cpu_kernels._ffi())
+    assert path.exists() and seconds == 0.0
+    assert shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+@native
+def test_direct_entry_point_matches_ffi():
+    """rwkv_qmatvec_direct (the kernels without XLA, for profiling) computes the same numbers."""
+    import ctypes
+
+    shape = _shape(quant.Q6_K, 40)
+    w, _ = _weight(quant.Q6_K, shape, seed=6)
+    fields = [np.ascontiguousarray(getattr(w, n)) for n, _, _ in cpu_kernels.FIELDS["Q6_K"]]
+    x = np.random.default_rng(3).standard_normal((3, shape[1])).astype(np.float32)
+    y = np.zeros((3, shape[0]), np.float32)
+    ptrs = (ctypes.c_void_p * len(fields))(*[f.ctypes.data for f in fields])
+    lib = cpu_kernels._state().lib  # argtypes set at load
+    rc = lib.rwkv_qmatvec_direct(b"Q6_K", x.ctypes.data, ptrs, 3, shape[1], shape[0], y.ctypes.data)
+    assert rc == 0
+    np.testing.assert_array_equal(y, _matmul(w, x))
