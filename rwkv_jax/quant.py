@@ -243,8 +243,13 @@ class _Blocked(Weight):
 
 
 def _cpu_native(w: Weight) -> bool:
-    """Native kernels: the CPU backend (no build on accelerator hosts) and a layout they know."""
-    return jax.default_backend() == "cpu" and cpu_kernels.supports(w)
+    """Native kernels: the CPU backend (no build on accelerator hosts), a layout they know, and
+    not the metal-safe profile (which must run exactly the program a Mac compiles)."""
+    return (
+        jax.default_backend() == "cpu"
+        and backends.current_profile().matvec == "platform"
+        and cpu_kernels.supports(w)
+    )
 
 
 class _Dense(Weight):
