@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import rwkv_jax
-from rwkv_jax.generate import Model
+from rwkv_jax.generate import Model, decode_fn
 from rwkv_jax.gguf import GGUFFile
 from rwkv_jax.params import nbytes
 
@@ -149,7 +149,7 @@ class JaxEngine:
         jax.block_until_ready((st, tok))
         t0 = time.perf_counter()
         for _ in range(n):
-            logits, st = rwkv_jax.decode_step(m.params, tok, st, cfg=m.config, dtype=m.dtype)
+            logits, st = decode_fn()(m.params, tok, st, cfg=m.config, dtype=m.dtype)
             tok = _greedy(logits)
         np.asarray(tok)
         return time.perf_counter() - t0

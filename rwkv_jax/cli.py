@@ -78,7 +78,8 @@ def _prompt_tokens(args: argparse.Namespace, tokenizer) -> list[int]:
         if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
             raise RwkvJaxError(f"{args.tokens_file}: expected a JSON list of integers")
         return ids
-    return tokenizer.encode(args.prompt)
+    # raw bytes: a prompt of invalid UTF-8 from the shell arrives with surrogate escapes
+    return tokenizer.encode(os.fsencode(args.prompt))
 
 
 def _cmd_tokenize(args: argparse.Namespace) -> None:
@@ -118,7 +119,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    m.generate(args.prompt, args.max_tokens, stream=True)
+    m.generate(os.fsencode(args.prompt), args.max_tokens, stream=True)
     if args.verbose:
         print(f"[{time.perf_counter() - t0:.2f} s]", file=sys.stderr)
 

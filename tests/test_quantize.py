@@ -343,7 +343,7 @@ def test_quantize_file_errors(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None
         q.quantize_file(str(tmp_path / "missing.gguf"), str(dst), "Q4_K_M")
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all" * 4)
-    with pytest.raises(GGUFError, match="not a readable GGUF"):
+    with pytest.raises(GGUFError, match="not a GGUF file"):
         q.quantize_file(str(junk), str(dst), "Q4_K_M")
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"")
