@@ -321,15 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rwkv-jax")
     add_chat_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["chat", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.fn(args)
-    except RwkvJaxError as exc:
-        print(f"rwkv-jax: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("rwkv-jax: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    from rwkv_jax import cli
+
+    return cli.run(args)
 
 
 if __name__ == "__main__":

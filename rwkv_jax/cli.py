@@ -233,7 +233,11 @@ def _select_backend(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: errors from bad input print one line and exit 1, without a traceback."""
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed sub-command; bad input -> one line on stderr and status 1."""
     try:
         if getattr(args, "select_backend", False):
             _select_backend(args)
