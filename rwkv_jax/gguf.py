@@ -13,6 +13,7 @@ duplicates) is checked before a single view is made. Every problem is one `GGUFE
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -779,3 +780,46 @@ def layer_of(name: str) -> tuple[int, str] | None:
     """('blk.3.time_mix_key.weight') -> (3, 'time_mix_key.weight'); None for global tensors."""
     m = _LAYER_RE.match(name)
     return (int(m.group(1)), m.group(2)) if m else None
+
+
+# --------------------------------------------------------------------------------------------
+# Writing (synth, quantize): tensors are declared up front as packed bytes, then streamed.
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike[str], arch: str = ARCH) -> Iterator[gguf.GGUFWriter]:
+    """A GGUFWriter on a hidden temporary file renamed onto `path` only when the block succeeds.
+
+    An interrupted or failed write leaves no partial file and any previous `path` intact.
+    """
+    dst = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(dst) or ".", f".{os.path.basename(dst)}.{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        yield writer
+        writer.close()
+        os.replace(tmp, dst)
+    except BaseException:
+        writer.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def add_packed_tensor_info(
+    writer: gguf.GGUFWriter, name: str, ne: tuple[int, ...], ggml_type: int
+) -> int:
+    """Declare a tensor of ggml dims `ne` stored as `ggml_type`; returns its byte size."""
+    blk, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    row_bytes = ne[0] // blk * size
+    n_bytes = row_bytes * int(np.prod(ne[1:], dtype=np.int64))
+    # GGUFWriter takes the numpy (reversed-ne) shape of the bytes, last axis in bytes
+    writer.add_tensor_info(
+        name,
+        (*reversed(ne[1:]), row_bytes),
+        np.dtype(np.uint8),
+        n_bytes,
+        raw_dtype=gguf.GGMLQuantizationType(ggml_type),
+    )
+    return n_bytes

@@ -19,12 +19,12 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import gguf
 import numpy as np
 
 from rwkv_jax.errors import GGUFError, InputError, UnsupportedTypeError
+from rwkv_jax.gguf import add_packed_tensor_info, atomic_writer, open_reader
 
 T = gguf.GGMLQuantizationType
 f32 = np.float32
@@ -546,8 +546,6 @@ def tensor_type(name: str, shape_ne: tuple[int, ...], ftype: str, source_type: i
 
 def _open_reader(src: str) -> gguf.GGUFReader:
     """Open a GGUF over mmap with every read bounds-checked (rwkv_jax.gguf.open_reader)."""
-    from rwkv_jax.gguf import open_reader  # late: rwkv_jax.gguf imports quant, not quantize
-
     return open_reader(src)
 
 
@@ -627,21 +625,13 @@ def quantize_file(src: str, dst: str, ftype: str, *, progress: bool = True) -> N
             f"{src}: general.architecture is {arch!r}; the type rules here are llama.cpp's for "
             "'rwkv7' only"
         )
-    dst_path = Path(dst)
-    tmp = dst_path.with_name(f".{dst_path.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(tmp, arch)
     plan: list[tuple[gguf.ReaderTensor, tuple[int, ...], T]] = []
-    try:
+    with atomic_writer(dst, arch) as writer:
         _copy_metadata(reader, writer, FTYPES[ftype])
         for t in reader.tensors:
             ne = tuple(int(v) for v in t.shape)
             new = T(tensor_type(t.name, ne, ftype, int(t.tensor_type)))
-            blk, type_size = gguf.GGML_QUANT_SIZES[new]
-            row_bytes = ne[0] // blk * type_size
-            byte_shape = (*reversed(ne[1:]), row_bytes)  # numpy order, last axis in bytes
-            writer.add_tensor_info(
-                t.name, byte_shape, np.dtype(np.uint8), row_bytes * math.prod(ne[1:]), new
-            )
+            add_packed_tensor_info(writer, t.name, ne, new)
             plan.append((t, ne, new))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -658,9 +648,3 @@ def quantize_file(src: str, dst: str, ftype: str, *, progress: bool = True) -> N
                     file=sys.stderr,
                     flush=True,
                 )
-        writer.close()
-        os.replace(tmp, dst_path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise

@@ -43,7 +43,16 @@ import numpy as np
 
 from rwkv_jax import quantize, tokenizer
 from rwkv_jax.errors import InputError
-from rwkv_jax.gguf import ARCH, GLOBAL_TENSORS, KEY, LAYER_TENSORS, TensorSpec, lora_rank
+from rwkv_jax.gguf import (
+    ARCH,
+    GLOBAL_TENSORS,
+    KEY,
+    LAYER_TENSORS,
+    TensorSpec,
+    add_packed_tensor_info,
+    atomic_writer,
+    lora_rank,
+)
 
 T = gguf.GGMLQuantizationType
 
@@ -190,12 +199,6 @@ def _sampler(
     raise AssertionError(f"no distribution for field {field}")  # the name table grew
 
 
-def _tensor_bytes(ne: tuple[int, ...], qtype: int) -> int:
-    """Bytes of a tensor of ggml dims ne stored as qtype."""
-    blk, size = gguf.GGML_QUANT_SIZES[T(qtype)]
-    return ne[0] // blk * size * int(np.prod(ne[1:], dtype=np.int64))
-
-
 def _tensor_type(name: str, ne: tuple[int, ...], ftype: str) -> int:
     """The type llama.cpp's converter (F32/F16/BF16) or converter + llama-quantize would give."""
     if ftype in ("F32", "F16", "BF16"):
@@ -251,21 +254,11 @@ def synth(preset: str, qtype: str, seed: int, out_path: str, *, progress: bool =
     plan = tensor_plan(p)
     types = {name: _tensor_type(name, ne, qtype) for name, _, _, ne in plan}
 
-    tmp = f"{out_path}.tmp-{os.getpid()}"
-    writer = gguf.GGUFWriter(tmp, ARCH)
-    _add_metadata(writer, p, preset, qtype, seed)
-    for name, _, _, ne in plan:
-        nbytes = _tensor_bytes(ne, types[name])
-        # GGUFWriter takes the numpy (reversed-ne) shape of the *bytes* for quantized data
-        blk, size = gguf.GGML_QUANT_SIZES[T(types[name])]
-        byte_shape = (*reversed(ne[1:]), ne[0] // blk * size)
-        writer.add_tensor_info(
-            name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=T(types[name])
-        )
-    total = sum(_tensor_bytes(ne, types[n]) for n, _, _, ne in plan)
     t0 = time.perf_counter()
     done = decile = 0
-    try:
+    with atomic_writer(out_path, ARCH) as writer:
+        _add_metadata(writer, p, preset, qtype, seed)
+        total = sum(add_packed_tensor_info(writer, n, ne, types[n]) for n, _, _, ne in plan)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -288,13 +281,6 @@ def synth(preset: str, qtype: str, seed: int, out_path: str, *, progress: bool =
                         file=sys.stderr,
                         flush=True,
                     )
-        writer.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        writer.close()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     if progress:
         print(f"\nwrote {out_path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return out_path

@@ -68,6 +68,14 @@ def _f32(*xs: Array) -> tuple[Array, ...]:
     return tuple(jnp.asarray(x, jnp.float32) for x in xs)
 
 
+def _inputs(S: Array, xs: tuple[Array, ...], where: str) -> tuple[Array, tuple[Array, ...]]:
+    """Validated float32 (S, (r, k, v, alpha, beta, ld)) for a sequence kernel."""
+    xs = _f32(*xs)
+    _check_shapes(S, xs, where)
+    (S,) = _f32(S)
+    return S, xs
+
+
 def _check_shapes(S: Array, xs: tuple[Array, ...], where: str) -> None:
     """Raise InputError unless S is [B, H, N, N] and every x is [B, T, H, N] alike."""
     names = ("r", "k", "v", "alpha", "beta", "ld")
@@ -113,9 +121,7 @@ def wkv7_sequential(
     S: Array, r: Array, k: Array, v: Array, alpha: Array, beta: Array, ld: Array
 ) -> tuple[Array, Array]:
     """Reference path: lax.scan of wkv7_step over T; inputs [B, T, H, N] -> (y [B, T, H, N], S)."""
-    xs = _f32(r, k, v, alpha, beta, ld)
-    _check_shapes(S, xs, "wkv7_sequential")
-    (S,) = _f32(S)
+    S, xs = _inputs(S, (r, k, v, alpha, beta, ld), "wkv7_sequential")
 
     def body(S: Array, x: tuple[Array, ...]) -> tuple[Array, Array]:
         y, S = wkv7_step(S, *x)
@@ -240,9 +246,7 @@ def wkv7_chunk(
     S: Array, r: Array, k: Array, v: Array, alpha: Array, beta: Array, ld: Array
 ) -> tuple[Array, Array]:
     """One chunk of L tokens by the DPLR chunk algorithm; inputs [B, L, H, N] -> (y, S)."""
-    xs = _f32(r, k, v, alpha, beta, ld)
-    _check_shapes(S, xs, "wkv7_chunk")
-    (S,) = _f32(S)
+    S, xs = _inputs(S, (r, k, v, alpha, beta, ld), "wkv7_chunk")
     # head-major for the per-head matrices: [B, H, L, N]
     xs = tuple(jnp.swapaxes(x, 1, 2) for x in xs)
     o, S = chunk_state_pass(S, chunk_intra(*xs))
@@ -270,9 +274,7 @@ def wkv7_chunked(
             f"wkv7_chunked: chunk_size={chunk_size!r} is not supported; "
             f"pass an int power of two up to 64, one of {CHUNK_SIZES}"
         )
-    xs = _f32(r, k, v, alpha, beta, ld)
-    _check_shapes(S, xs, "wkv7_chunked")
-    (S,) = _f32(S)
+    S, xs = _inputs(S, (r, k, v, alpha, beta, ld), "wkv7_chunked")
     B, T, H, N = xs[0].shape
     L = operator.index(chunk_size)
     n = -(-T // L)  # number of chunks
