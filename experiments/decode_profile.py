@@ -75,7 +75,7 @@ def main() -> None:
     def one_block(blk, x, ls):
         lens = jnp.ones((1,), jnp.int32)
         valid = jnp.ones((1, 1), bool)
-        return M.block(blk, cfg, x, ls, x, False, valid, lens, _step_wkv, dt)
+        return M.block(blk, cfg, x, ls, x, False, M.Span(valid, lens, _step_wkv, dt))
 
     rows["one block"] = bench(jax.jit(one_block), blk0, x3, ls)
 

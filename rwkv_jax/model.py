@@ -40,6 +40,15 @@ class LayerState(NamedTuple):
     wkv: Array  # [B, H, N, N] float32
 
 
+class Span(NamedTuple):
+    """How one call runs over its [B, T] tokens: the same for every layer."""
+
+    valid: Array  # [B, T] bool: position t < lengths[b]
+    lengths: Array  # [B] valid tokens per row
+    wkv_fn: WkvFn  # the WKV-7 kernel for these T tokens
+    dtype: object  # compute dtype of the matrix products
+
+
 def lead(v: Array, ndim: int) -> Array:
     """Explicit broadcast of a weight vector/matrix to `ndim` dims (leading axes of size 1)."""
     return v.reshape((1,) * (ndim - v.ndim) + v.shape)
@@ -92,12 +101,10 @@ def time_mix(
     st: LayerState,
     v_first: Array,
     is_first: Array | bool,
-    valid: Array,
-    lengths: Array,
-    wkv_fn: WkvFn,
-    dtype,
+    span: Span,
 ) -> tuple[Array, Array, Array, Array]:
     """Attention replacement of one layer: returns (out, v_first, att_shift, wkv state)."""
+    valid, lengths, wkv_fn, dtype = span
     B, T, C = x.shape
     H, N = cfg.n_head, cfg.head_size
     u = layer_norm(x, blk.ln1_w, blk.ln1_b, cfg.layer_norm_eps)  # [B, T, C]
@@ -142,9 +149,10 @@ def time_mix(
 
 
 def channel_mix(
-    blk: Block, cfg: ModelConfig, x: Array, prev: Array, lengths: Array, dtype
+    blk: Block, cfg: ModelConfig, x: Array, prev: Array, span: Span
 ) -> tuple[Array, Array]:
     """FFN of one layer: value(relu(key(lerp))^2); returns (out, ffn_shift)."""
+    lengths, dtype = span.lengths, span.dtype
     u = layer_norm(x, blk.ln2_w, blk.ln2_b, cfg.layer_norm_eps)
     d, ffn_shift = token_shift(u, prev, lengths)
     h = jnp.square(
@@ -160,17 +168,12 @@ def block(
     st: LayerState,
     v_first: Array,
     is_first: Array | bool,
-    valid: Array,
-    lengths: Array,
-    wkv_fn: WkvFn,
-    dtype,
+    span: Span,
 ) -> tuple[Array, Array, LayerState]:
     """One residual block: x += time_mix(x); x += channel_mix(x)."""
-    att, v_first, att_shift, S = time_mix(
-        blk, cfg, x, st, v_first, is_first, valid, lengths, wkv_fn, dtype
-    )
+    att, v_first, att_shift, S = time_mix(blk, cfg, x, st, v_first, is_first, span)
     x = x + att
-    ffn, ffn_shift = channel_mix(blk, cfg, x, st.ffn_shift, lengths, dtype)
+    ffn, ffn_shift = channel_mix(blk, cfg, x, st.ffn_shift, span)
     return x + ffn, v_first, LayerState(att_shift, ffn_shift, S)
 
 
@@ -185,10 +188,7 @@ def layers(
     cfg: ModelConfig,
     x: Array,
     state: State,
-    valid: Array,
-    lengths: Array,
-    wkv_fn: WkvFn,
-    dtype,
+    span: Span,
 ) -> tuple[Array, State]:
     """All blocks: a lax.scan over stacked layers, or an unrolled loop over a tuple."""
     v_first0 = jnp.zeros_like(x)
@@ -198,18 +198,8 @@ def layers(
             h, v_first = carry
             blk, idx, a_sh, f_sh, S = xs
             with jax.named_scope("block"):
-                h, v_first, st = block(
-                    blk,
-                    cfg,
-                    h,
-                    LayerState(a_sh, f_sh, S),
-                    v_first,
-                    idx == 0,
-                    valid,
-                    lengths,
-                    wkv_fn,
-                    dtype,
-                )
+                st = LayerState(a_sh, f_sh, S)
+                h, v_first, st = block(blk, cfg, h, st, v_first, idx == 0, span)
             return (h, v_first), tuple(st)
 
         xs = (params.blocks, jnp.arange(cfg.n_layer), state.att_shift, state.ffn_shift, state.wkv)
@@ -219,7 +209,7 @@ def layers(
     for i, blk in enumerate(params.blocks):  # type: ignore[arg-type]
         with jax.named_scope(f"block_{i}"):
             st = LayerState(state.att_shift[i], state.ffn_shift[i], state.wkv[i])
-            x, v_first, st = block(blk, cfg, x, st, v_first, i == 0, valid, lengths, wkv_fn, dtype)
+            x, v_first, st = block(blk, cfg, x, st, v_first, i == 0, span)
         out.append(st)
     return x, State(*(jnp.stack(parts) for parts in zip(*out, strict=True)))
 
@@ -249,7 +239,7 @@ def forward(
         lengths = jnp.full((B,), T, jnp.int32)
     valid = jnp.arange(T)[None, :] < lengths[:, None]  # [B, T]
     x = embed(params, cfg, tokens)
-    x, state = layers(params, cfg, x, state, valid, lengths, wkv_fn, dtype)
+    x, state = layers(params, cfg, x, state, Span(valid, lengths, wkv_fn, dtype))
     if not all_logits:
         x = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     return head(params, cfg, x, dtype), state
