@@ -48,7 +48,7 @@ def main() -> None:
     if a.matvec_rows:
         quant.MATVEC_MAX_ROWS = a.matvec_rows
     path = synth.ensure(a.preset, a.type, 0)
-    m = rwkv_jax.load(path, dtype=a.dtype)
+    m = rwkv_jax.load(path, dtype=a.dtype, stack_layers=True)  # the scans below need a stack
     cfg, params, dt = m.config, m.params, m.dtype
     print(jax.devices()[0].device_kind, cfg.n_layer, "layers", dt, "unroll", a.unroll,
           "matvec rows", quant.MATVEC_MAX_ROWS)
