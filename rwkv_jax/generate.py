@@ -18,6 +18,7 @@ import functools
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 
-from rwkv_jax import backends, cpu_kernels, model, wkv
+from rwkv_jax import backends, compile_cache, cpu_kernels, model, wkv
 from rwkv_jax.errors import InputError
 from rwkv_jax.gguf import GGUFFile, ModelConfig
 from rwkv_jax.params import DTYPES, Params, load_params
@@ -316,8 +317,10 @@ def from_gguf(
     WKV chunk length (16, 32 or 64); chunks_per_step / chunks_per_call: prefill layout (None =
     `default_layout` for the backend); wkv_impl: "chunked", "sequential" or "unrolled";
     stack_layers: scan over stacked layers (True), unroll them (False), or the profile's choice
-    (None: stack when formats allow; unrolled under metal-safe).
+    (None: stack when formats allow; unrolled under metal-safe). Turns on JAX's persistent
+    compilation cache first (compile_cache.py; RWKV_JAX_COMPILE_CACHE=0 leaves it off).
     """
+    compile_cache.enable()
     prof = backends.current_profile()
     if dtype == "auto":
         dtype = prof.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
@@ -340,8 +343,16 @@ def from_gguf(
             f"chunks_per_call {call} must be a positive multiple of chunks_per_step {step}"
         )
     _wkv_fn(wkv_impl, chunk_size)
-    params = load_params(f, mode=mode, dtype=DTYPES[dtype], stack_layers=stack_layers)
-    tok = Tokenizer.from_gguf(
-        f.metadata.get("tokenizer.ggml.tokens") or [], f.metadata.get("tokenizer.ggml.token_type")
+    # the tokenizer (pure Python, 0.1-0.4 s for 65536 tokens) builds while the weights upload:
+    # device_put and the device programs release the GIL
+    with ThreadPoolExecutor(1) as pool:
+        tok = pool.submit(
+            Tokenizer.from_gguf,
+            f.metadata.get("tokenizer.ggml.tokens") or [],
+            f.metadata.get("tokenizer.ggml.token_type"),
+        )
+        params = load_params(f, mode=mode, dtype=DTYPES[dtype], stack_layers=stack_layers)
+        tokenizer = tok.result()
+    return Model(
+        params, f.config, tokenizer, f.path, DTYPES[dtype], chunk_size, call, wkv_impl, step
     )
-    return Model(params, f.config, tok, f.path, DTYPES[dtype], chunk_size, call, wkv_impl, step)

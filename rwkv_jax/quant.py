@@ -2,8 +2,8 @@
 
 One final class per ggml type. Each holds a 2-D weight of PyTorch shape (out, in) (ggml ne =
 [in, out]): a row is `in` contiguous values made of `in / BLOCK_ELEMS` blocks. The block bytes are
-split into the fields of the ggml C struct on the host (a numpy structured view of the raw
-bytes), so device code only shifts and masks integers and multiplies floats — no bitcasts.
+split into the fields of the ggml C struct once at load (on the device: upload.py), so the
+dequantizing code only shifts and masks integers and multiplies floats — no bitcasts.
 Block layouts: docs/rwkv7-spec.md §3 and ggml `src/ggml-common.h`.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from jax import lax
 
-from rwkv_jax import backends, cpu_kernels
+from rwkv_jax import backends, cpu_kernels, upload
 from rwkv_jax.errors import GGUFError, UnsupportedTypeError
 
 Array = jax.Array
@@ -174,19 +174,17 @@ class Weight(eqx.Module):
     def from_raw(
         cls: type[W], raw: np.ndarray, shape: tuple[int, int], *, name: str = "<raw>"
     ) -> W:
-        """Split raw ggml bytes into fields on the host.
+        """Upload raw ggml bytes once and split them into fields on the device (upload.py).
 
         raw: uint8, flat with exactly out*row_bytes bytes, or [*lead, out, row_bytes] where the
-        leading axes (e.g. layers) become leading axes of every field.
+        leading axes (e.g. layers) become leading axes of every field. The device copy never
+        aliases `raw`, so it may be a view of an mmap that later goes away.
         """
-        out, n_in = _check_raw(cls, raw, shape, name)
+        out, n_in = check_raw(cls, raw, shape, name)
         lead = raw.shape[:-2] if raw.ndim > 1 else ()
-        # [*lead, out, nb] records; field views are [*lead, out, nb, *field_shape] (zero-copy)
-        raw = np.ascontiguousarray(raw).reshape(*lead, out, cls.row_bytes(n_in))
-        rec = raw.view(cls.BLOCK)
-        # np.array copies to a contiguous array we own, so no device buffer can alias an mmap
-        fields = {f: jnp.asarray(_stored(np.array(rec[f]))) for f in cls.BLOCK.names}
-        return cls(shape=(out, n_in), **fields)
+        lay = raw_layout(cls)
+        dev = upload.to_device(raw.reshape(*lead, out, cls.row_bytes(n_in)), lay)
+        return cls(shape=(out, n_in), **upload.split({name: dev}, {name: lay})[name])
 
 
 def field_dtype(base: np.dtype) -> np.dtype:
@@ -196,9 +194,9 @@ def field_dtype(base: np.dtype) -> np.dtype:
     return np.dtype(base)
 
 
-def _stored(a: np.ndarray) -> np.ndarray:
-    """A host field as the profile stores it: as is, or uint8 as its zero-copy int8 view."""
-    return a.view(field_dtype(a.dtype))
+def raw_layout(cls: type[Weight]) -> upload.Layout:
+    """How `cls`'s block bytes split into its fields on the device, under the current profile."""
+    return upload.layout(cls.BLOCK, field_dtype(np.dtype(np.uint8)))
 
 
 class _Blocked(Weight):
@@ -584,7 +582,7 @@ def _gguf_version() -> str:
         return "(unknown version)"
 
 
-def _check_raw(cls: type[Weight], raw: np.ndarray, shape: tuple[int, int], name: str):
+def check_raw(cls: type[Weight], raw: np.ndarray, shape: tuple[int, int], name: str):
     """Validate raw bytes against (out, in) for format `cls`; return (out, in)."""
     fmt = cls.GGML_TYPE.name
     if len(shape) != 2 or any(int(s) <= 0 for s in shape):
@@ -611,8 +609,8 @@ def _check_raw(cls: type[Weight], raw: np.ndarray, shape: tuple[int, int], name:
     return out, n_in
 
 
-def weight_from_raw(raw: np.ndarray, ggml_type: int, shape: tuple[int, int], name: str) -> Weight:
-    """Build the packed weight for GGUF tensor `name` of ggml type `ggml_type` from its bytes."""
+def format_class(ggml_type: int, name: str) -> type[Weight]:
+    """The Weight class of ggml type `ggml_type` (tensor `name`, for the error message)."""
     cls = FORMATS.get(int(ggml_type))
     if cls is None:
         supported = ", ".join(c.GGML_TYPE.name for c in FORMATS.values())
@@ -620,7 +618,12 @@ def weight_from_raw(raw: np.ndarray, ggml_type: int, shape: tuple[int, int], nam
             f"tensor '{name}' has ggml type {_type_name(ggml_type)} ({int(ggml_type)}), which "
             f"rwkv_jax cannot unpack; supported: {supported}; {_REQUANT_HINT}"
         )
-    return cls.from_raw(raw, shape, name=name)
+    return cls
+
+
+def weight_from_raw(raw: np.ndarray, ggml_type: int, shape: tuple[int, int], name: str) -> Weight:
+    """Build the packed weight for GGUF tensor `name` of ggml type `ggml_type` from its bytes."""
+    return format_class(ggml_type, name).from_raw(raw, shape, name=name)
 
 
 _DENSE_BY_DTYPE: dict[np.dtype, type[Weight]] = {
