@@ -21,7 +21,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from jax import lax
 
-from rwkv_jax import backends, cpu_kernels, upload
+from rwkv_jax import backends, cpu_kernels, gpu_kernels, upload
 from rwkv_jax.errors import GGUFError, UnsupportedTypeError
 
 Array = jax.Array
@@ -216,20 +216,27 @@ class _Blocked(Weight):
         Written that way XLA fuses the unpacking into the reduction and reads each packed byte
         once instead of writing and re-reading a dequantized matrix for a dot (backends.md:
         2.9b Q4_K on an H100, 2.5 ms vs 7.0 ms per token). XLA:CPU does not vectorize the
-        fused reduction (measured 4x slower than its dot here), so the CPU keeps the dot.
+        fused reduction (measured 4x slower than its dot here), so the CPU keeps the dot. On
+        NVIDIA GPUs batched decode (2..64 rows) of Q4_K/Q6_K takes the Pallas kernels.
         """
         if _cpu_native(self):  # native kernels beat XLA at every row count
             return super().matmul(x)
-        if math.prod(x.shape[:-1]) > MATVEC_MAX_ROWS:
-            return super().matmul(x)
-        if backends.current_profile().matvec == "fused":  # what Metal runs, on any platform
+        rows = math.prod(x.shape[:-1])
+        fused = rows <= MATVEC_MAX_ROWS
+        if fused and backends.current_profile().matvec == "fused":  # what Metal runs
             return self.matvec_fused(x)
         dot = super()._matmul_xla
         # lambdas: platform_dependent hashes its branches, and a Module holding tracers is not
         # hashable (its bound methods neither)
-        return lax.platform_dependent(
-            x, cpu=lambda x: dot(x), default=lambda x: self.matvec_fused(x)
-        )
+        branches = dict(cpu=lambda x: dot(x), default=lambda x: dot(x))
+        if fused:
+            branches["default"] = lambda x: self.matvec_fused(x)
+        if gpu_kernels.supports(self, rows, x.dtype):
+            # NVIDIA: Pallas kernels that unpack each packed byte once (rwkv_jax/gpu_kernels.py)
+            branches["cuda"] = lambda x: gpu_kernels.matmul(self, x).astype(x.dtype)
+        elif not fused:
+            return dot(x)
+        return lax.platform_dependent(x, **branches)
 
     def matvec_fused(self, x: Array) -> Array:
         """x @ W^T as one fused unpack-multiply-reduce (float32 accumulation), for few rows."""

@@ -1,0 +1,288 @@
+"""Batched-decode matmuls over packed K-quant blocks on NVIDIA GPUs, as Pallas (Triton) kernels.
+
+XLA's paths for a few activation rows either repeat the unpacking per row (the fused
+unpack-multiply-reduce matvec, quant._Blocked.matvec_fused) or write a dequantized copy of the
+weight and read it back for a dot (more rows). These kernels unpack each packed byte once, in
+registers, and apply it to every row:
+
+- 2..MAX_ROWS rows: one float32 accumulator per row over the super-block's values,
+  acc[r] += (d*sc[j] * q - dmin*mn[j]) * x[r], reduced across lanes once at the end;
+- up to MMA_MAX_ROWS rows of bf16/f16: each super-block's values rounded to x's dtype (as the
+  XLA path's dequantize-then-dot rounds them) and multiplied on tensor cores, float32 sums.
+
+Triton wants every tensor a power of two long: a Q4_K super-block is decoded as two nibble
+planes of [2, 2, 32] values, Q6_K as two planes of [2, 2, 2, 16]; x is rearranged to match.
+Only the summation order differs from dequantize-then-dot.
+
+Grid: (row tiles of weight rows, SPLIT parts of the super-blocks); each program loops over its
+super-blocks and writes a partial [rows, M] sum that XLA adds up.
+
+Measured on an H200, whole decode steps of the 2.9b Q4_K_M model, XLA paths -> these kernels
+(`python -m experiments.gpu_matvec --variants none --model 2.9b --decode-variants xla
+pallas:32:4:10`): B=4 20.32 -> 9.62 ms, B=8 13.88 -> 9.36 ms, B=64 17.91 -> 14.63 ms per step.
+At B=1 XLA's fused matvec stays (5.22 ms against 6.21 ms here: XLA fuses the token-shift mix
+producing x and the cast into its matvec, one kernel per matrix, where a Pallas call adds its
+own), although per matrix the kernels are faster (the 65536-row Q6_K head 121 us against 247 us):
+the single-row loss is launches, not bandwidth. Tests run the kernels in Pallas' interpreter on
+the CPU (`interpret=True`) and check their Triton lowering for CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+Array = jax.Array
+
+QK_K = 256
+# activation rows (padded to a power of two) these kernels take; one row stays on XLA's fused
+# matvec, measured faster for it (module docstring)
+MIN_ROWS, MAX_ROWS = 2, 4
+# more rows (batched decode) take the tensor-core kernel, in row tiles of MMA_ROWS
+MMA_MAX_ROWS, MMA_ROWS = 64, 64
+# launch shape: weight rows per program (fewer when the row count is not a multiple), warps per
+# program, programs per row tile along the super-blocks (at most; a divisor of their count: 1 =
+# one program loops over a whole row, more = split-K, partial sums added by XLA). Best of three
+# tried in whole B=4 decode steps on the H200: 32 rows x 4 warps split 10 9.98 ms, split 4
+# 10.96 ms, 16 rows split 10 10.90 ms.
+BLOCK_ROWS = 32
+NUM_WARPS = 4
+SPLIT = 10
+NUM_STAGES = 2  # Triton software pipelining of the super-block loop
+# RWKV_JAX_PALLAS=0 keeps the XLA fused matvec on GPUs (for comparisons and bisecting)
+ENABLED = os.environ.get("RWKV_JAX_PALLAS", "1") != "0"
+
+
+def _pow2_at_least(m: int) -> int:
+    """Smallest power of two >= m."""
+    return 1 << max(0, m - 1).bit_length()
+
+
+def _row_tile(out: int, block_rows: int | None = None) -> int | None:
+    """Rows per program: the largest power of two <= block_rows dividing `out` (>= 16), or None."""
+    t = block_rows or BLOCK_ROWS
+    while t >= 16:
+        if out % t == 0:
+            return t
+        t //= 2
+    return None
+
+
+def supports(weight, rows: int, dtype=jnp.bfloat16) -> bool:
+    """Whether `weight` (an unstacked quant.Weight) times `rows` activation rows of `dtype` runs
+    here: 2..MAX_ROWS rows (float32 FMAs), or up to MMA_MAX_ROWS of bf16/f16 (tensor cores)."""
+    name = type(weight).__name__
+    if not ENABLED or name not in _FORMATS or rows < MIN_ROWS:
+        return False
+    mma = rows > MAX_ROWS
+    if mma and (rows > MMA_MAX_ROWS or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16)):
+        return False
+    out, n_in = weight.shape
+    lead = jax.tree.leaves(weight)[0].ndim - type(weight).leaf_ndim()
+    return lead == 0 and n_in % QK_K == 0 and _row_tile(out, MMA_ROWS if mma else None) is not None
+
+
+def matmul(
+    weight,
+    x: Array,
+    *,
+    interpret: bool = False,
+    block_rows: int | None = None,
+    num_warps: int | None = None,
+    split: int | None = None,
+) -> Array:
+    """x @ W^T for x [..., in] (rows as `supports` says) -> float32 [..., out].
+
+    Up to MAX_ROWS rows: float32 accumulators per row. More: each super-block's values rounded
+    to x's dtype (as the XLA path's dequantize-then-dot does) and multiplied on tensor cores with
+    float32 accumulation. block_rows / num_warps / split override the launch shape (tuning:
+    experiments/gpu_matvec.py).
+    """
+    out, n_in = weight.shape
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    mma = rows > MAX_ROWS
+    m = max(16, _pow2_at_least(rows)) if mma else _pow2_at_least(rows)
+    nb = n_in // QK_K
+    fmt = _FORMATS[type(weight).__name__]
+    xr = x.reshape(rows, n_in)
+    if m != rows:
+        xr = jnp.pad(xr, ((0, m - rows), (0, 0)))
+    # free reshapes to the kernel's power-of-two views: fields [out, nb, ...]
+    arrays = [getattr(weight, f).reshape(out, nb, *v) for f, v in fmt.fields]
+    # x plane-major: [M, nb, 2 planes, *plane view] (rows) or [nb, 2, 128, M] (tensor cores)
+    xv = jnp.moveaxis(xr.reshape(m, nb, *fmt.x_view), 2 + fmt.plane_axis, 2)
+    if mma:
+        arrays.append(jnp.moveaxis(xv.reshape(m, nb, 2, QK_K // 2), 0, -1))
+    else:
+        arrays.append(xv.astype(jnp.float32))
+    tile = _row_tile(out, block_rows or (MMA_ROWS if mma else None))
+    parts = _parts(nb, split or SPLIT)
+    shapes, dtypes = tuple(a.shape for a in arrays), tuple(a.dtype for a in arrays)
+    warps = num_warps or NUM_WARPS
+    call = _call(fmt, shapes, dtypes, m, out, nb, tile, parts, warps, mma, interpret)
+    partial = call(*arrays)  # [parts, out, M]
+    y = (partial[0] if parts == 1 else jnp.sum(partial, axis=0)).T[:rows]  # [rows, out]
+    return y.reshape(*lead, out)
+
+
+def _parts(nb: int, split: int) -> int:
+    """Programs per row tile along the super-blocks: the largest divisor of nb <= split."""
+    return max(p for p in range(1, min(nb, split) + 1) if nb % p == 0)
+
+
+@functools.cache
+def _call(fmt, shapes, dtypes, m, out, nb, tile, parts, num_warps, mma, interpret):
+    """The pallas_call for one (format, weight shape, M): grid (row tiles, super-block parts)."""
+    per = nb // parts  # super-blocks per program
+    n_fields = len(fmt.fields)
+
+    def field_spec(shape):
+        # [out, nb, *view] -> block [tile, per, *view]
+        zeros = (0,) * (len(shape) - 2)
+        return pl.BlockSpec((tile, per, *shape[2:]), lambda i, k: (i, k, *zeros))
+
+    in_specs = [field_spec(s) for s in shapes[:n_fields]]
+    if mma:  # x [nb, 2, 128, M]
+        in_specs.append(pl.BlockSpec((per, 2, QK_K // 2, m), lambda i, k: (k, 0, 0, 0)))
+    else:  # x [M, nb, 2, *plane view]
+        zeros = (0,) * (len(shapes[-1]) - 2)
+        in_specs.append(pl.BlockSpec((m, per, *shapes[-1][2:]), lambda i, k: (0, k, *zeros)))
+
+    def vec_step(s, ins, accs):
+        # one float32 accumulator per activation row, elementwise over the plane view: the
+        # cross-lane reduction happens once, at the end
+        *fields, x_ref = ins
+        for k, w in enumerate(fmt.planes(*fields, s)):
+            accs = tuple(acc + w * x_ref[r, s, k][None] for r, acc in enumerate(accs))
+        return accs
+
+    def mma_step(s, ins, acc):
+        *fields, x_ref = ins
+        for k, w in enumerate(fmt.planes(*fields, s)):
+            w = w.reshape(tile, QK_K // 2).astype(dtypes[-1])  # rounded as the XLA path does
+            acc = acc + jnp.dot(w, x_ref[s, k], preferred_element_type=jnp.float32)
+        return acc
+
+    def kernel(*refs):
+        *ins, o_ref = refs
+        if mma:
+            init, step = jnp.zeros((tile, m), jnp.float32), mma_step
+        else:
+            init = tuple(jnp.zeros((tile, *fmt.plane_view), jnp.float32) for _ in range(m))
+            step = vec_step
+        acc = (
+            step(0, ins, init)
+            if per == 1
+            else lax.fori_loop(0, per, lambda s, acc: step(s, ins, acc), init)
+        )
+        if mma:
+            o_ref[...] = acc
+            return
+        for r, a in enumerate(acc):
+            while a.ndim > 1:
+                a = jnp.sum(a, axis=-1)
+            o_ref[:, r] = a
+
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        params = plgpu.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((parts, out, m), jnp.float32),
+        grid=(out // tile, parts),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, tile, m), lambda i, k: (k, i, 0)),
+        compiler_params=params,
+        interpret=interpret,
+        name=f"rwkv_jax_{fmt.name}_{'mma' if mma else 'matvec'}",
+    )
+
+
+def _iota(shape: tuple[int, ...], axis: int) -> Array:
+    """int32 index along `axis`, broadcastable against [tile, *shape]."""
+    return lax.broadcasted_iota(jnp.int32, (1, *shape), axis + 1)
+
+
+def _q4_k(d_ref, dmin_ref, sc_ref, qs_ref, s) -> list[Array]:
+    """Q4_K super-block s as 2 nibble planes of float32 values [tile, 2, 2, 32].
+
+    Value 32*j + l with sub-block j = 2*(2h + p) + nib sits in plane nib at [h, p, l]: the
+    nibble of qs byte 64h + 32p + l; scale byte 4k + 2p' + par is sc[k, p', par].
+    """
+    d = d_ref[:, s].astype(jnp.float32)[:, None, None]  # [tile, 1, 1]
+    dmin = dmin_ref[:, s].astype(jnp.float32)[:, None, None]
+    qs = qs_ref[:, s].astype(jnp.int32)  # [tile, 2, 2, 32]
+    hi = _iota((2, 1), 0) == 1  # sub-blocks 4..7 take their high scale bits from bytes 0-7
+    planes = []
+    for nib in range(2):
+        # ggml get_scale_min_k4 for j = 4h + 2p + nib: bytes a = j mod 4, b = a + 4, c = a + 8
+        a = sc_ref[:, s, 0, :, nib].astype(jnp.int32)[:, None, :]  # [tile, 1, 2] over p
+        b = sc_ref[:, s, 1, :, nib].astype(jnp.int32)[:, None, :]
+        c = sc_ref[:, s, 2, :, nib].astype(jnp.int32)[:, None, :]
+        sc = jnp.where(hi, (c & 0xF) | ((a >> 6) << 4), a & 63)  # [tile, 2, 2]
+        mn = jnp.where(hi, (c >> 4) | ((b >> 6) << 4), b & 63)
+        scale = (d * sc.astype(jnp.float32))[..., None]  # [tile, 2, 2, 1]
+        offset = (dmin * mn.astype(jnp.float32))[..., None]
+        planes.append(scale * ((qs >> (4 * nib)) & 0xF).astype(jnp.float32) - offset)
+    return planes
+
+
+def _q6_k(ql_ref, qh_ref, sc_ref, d_ref, s) -> list[Array]:
+    """Q6_K super-block s as 2 planes of float32 values [tile, 2, 2, 2, 16].
+
+    Value 128h + 32(2n + c) + 16u + t sits in plane n at [h, c, u, t]: ql byte 64h + 32c + 16u
+    + t (nibble n), qh byte 32h + 16u + t (bits 2(2n + c)), scale 8h + 2(2n + c) + u.
+    """
+    d = d_ref[:, s].astype(jnp.float32)[:, None, None, None]  # [tile, 1, 1, 1]
+    ql = ql_ref[:, s].astype(jnp.int32)  # [tile, 2h, 2c, 2u, 16]
+    qh = qh_ref[:, s].astype(jnp.int32)[:, :, None]  # [tile, 2h, 1, 2u, 16]
+    c2 = 2 * _iota((2, 2, 1, 1), 1)  # 2c
+    planes = []
+    for n in range(2):
+        q = ((ql >> (4 * n)) & 0xF) | (((qh >> (4 * n + c2)) & 3) << 4)
+        scale = (d * sc_ref[:, s, :, n].astype(jnp.float32))[..., None]  # [tile, 2h, 2c, 2u, 1]
+        planes.append(scale * (q - 32).astype(jnp.float32))
+    return planes
+
+
+class _Format(NamedTuple):
+    """A kernel's format: name, plane decoder, weight fields with their per-super-block views,
+    x's natural view of a super-block, which axis of it picks the plane, and the plane view."""
+
+    name: str
+    planes: Callable[..., list[Array]]
+    fields: tuple[tuple[str, tuple[int, ...]], ...]
+    x_view: tuple[int, ...]
+    plane_axis: int
+    plane_view: tuple[int, ...]
+
+
+_FORMATS = {
+    "Q4_K": _Format(
+        "q4_k",
+        _q4_k,
+        (("d", ()), ("dmin", ()), ("scales", (3, 2, 2)), ("qs", (2, 2, 32))),
+        (2, 2, 2, 32),  # x [h, p, nib, l]: value 32*(2*(2h + p) + nib) + l
+        2,
+        (2, 2, 32),
+    ),
+    "Q6_K": _Format(
+        "q6_k",
+        _q6_k,
+        (("ql", (2, 2, 2, 16)), ("qh", (2, 2, 16)), ("scales", (2, 2, 2, 2)), ("d", ())),
+        (2, 2, 2, 2, 16),  # x [h, n, c, u, t]: value 128h + 32(2n + c) + 16u + t
+        1,
+        (2, 2, 2, 16),
+    ),
+}

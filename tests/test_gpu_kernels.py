@@ -1,0 +1,136 @@
+"""Pallas decode matvecs (rwkv_jax/gpu_kernels.py): numbers in Pallas' interpreter on the CPU,
+and the Triton lowering for CUDA (lowered here, not run: no GPU on CI)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from rwkv_jax import gpu_kernels, quant
+from tests.test_quant import _random_raw, _reference
+
+KERNEL_FORMATS = [quant.Q4_K, quant.Q6_K]
+
+
+def _bound_matrix(cls, raw: np.ndarray, shape) -> np.ndarray:
+    """|terms| per weight element: |d*sc*q| + |dmin*mn| (Q4_K), |d*sc*(q-32)| (Q6_K)."""
+    if cls is quant.Q6_K:
+        return np.abs(_reference(cls, raw, shape)).astype(np.float64)
+    # Q4_K value = d*sc*q - dmin*mn: with |d| and -|dmin| gguf's dequantization gives the sum
+    # of both terms' magnitudes
+    mag = raw.copy()
+    rec = mag.view(cls.BLOCK)
+    rec["d"] = np.abs(rec["d"])
+    rec["dmin"] = -np.abs(rec["dmin"])
+    return _reference(cls, mag, shape).astype(np.float64)
+
+
+@pytest.mark.parametrize("cls", KERNEL_FORMATS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    ("rows", "split", "tile"), [(1, 1, 16), (3, 1, 32), (4, 2, 16), (2, 5, 16)]
+)
+def test_matvec_matches_float64(cls, rows, split, tile):
+    """Kernel vs float64 x @ deq^T, within the float32 summation bound of its own terms."""
+    rng = np.random.default_rng(700 + rows + 10 * split + int(cls.GGML_TYPE))
+    shape = (64, 1280)  # 5 super-blocks per row: split 2 falls back to 1, split 5 is one each
+    raw = _random_raw(cls, shape, rng)
+    deq = _reference(cls, raw, shape).astype(np.float64)
+    w = cls.from_raw(raw, shape)
+    x = rng.standard_normal((rows, shape[1])).astype(np.float32)
+    got = np.asarray(
+        gpu_kernels.matmul(w, jnp.asarray(x), interpret=True, split=split, block_rows=tile)
+    )
+    want = x.astype(np.float64) @ deq.T
+    # float32 products and sums of n terms (two per element for Q4_K's scale and offset parts):
+    # |error| <= 2n u/(1 - 2n u) * sum |terms| + u |result| (Higham's bound for a sum; u = 2^-24)
+    n, u = 2 * shape[1], 2.0**-24
+    bound = n * u / (1 - n * u) * (np.abs(x) @ _bound_matrix(cls, raw, shape).T) + u * np.abs(want)
+    assert got.shape == (rows, shape[0]) and got.dtype == np.float32
+    assert np.all(np.abs(got - want) <= bound)
+
+
+@pytest.mark.parametrize("cls", KERNEL_FORMATS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(("rows", "split"), [(5, 1), (16, 5), (64, 2)])
+def test_mma_matches_rounded_weights(cls, rows, split):
+    """Tensor-core path (bf16 x, > MAX_ROWS rows): the XLA path's numbers — weights rounded to
+    bf16, float32 accumulation — against float64 on the same rounded values."""
+    rng = np.random.default_rng(800 + rows + split + int(cls.GGML_TYPE))
+    shape = (64, 1280)
+    raw = _random_raw(cls, shape, rng)
+    deq = _reference(cls, raw, shape)
+    w_b = deq.astype(jnp.bfloat16).astype(np.float64)
+    x = rng.standard_normal((rows, shape[1])).astype(jnp.bfloat16)
+    w = cls.from_raw(raw, shape)
+    got = np.asarray(gpu_kernels.matmul(w, jnp.asarray(x), interpret=True, split=split))
+    xd = x.astype(np.float64)
+    want = xd @ w_b.T
+    # float32 accumulation of n products: n u sum|terms| (u = 2^-24); plus, where the kernel's
+    # float32 value of a weight (d*sc*q - dmin*mn, possibly one FMA) differs from gguf's by an
+    # ulp and rounds to the other bf16 neighbour, one bf16 ulp (2^-8 relative) of that term
+    n, u = shape[1], 2.0**-24
+    bound = n * u * (np.abs(xd) @ np.abs(w_b).T) + 2.0**-8 * (np.abs(xd) @ np.abs(deq).T)
+    assert got.shape == (rows, shape[0]) and got.dtype == np.float32
+    assert np.all(np.abs(got - want) <= bound)
+    # and typically far tighter: a layout slip would be O(1), a rounding slip rare
+    rel = np.abs(got - want) / (np.abs(xd) @ np.abs(w_b).T)
+    assert np.median(rel) < 1e-5
+
+
+def test_matvec_keeps_leading_axes_and_row_tiles():
+    """[B, T, in] activations come back [B, T, out]; out = 48 takes 16-row tiles."""
+    rng = np.random.default_rng(5)
+    shape = (48, 256)
+    raw = _random_raw(quant.Q4_K, shape, rng)
+    w = quant.Q4_K.from_raw(raw, shape)
+    x = rng.standard_normal((2, 1, 256)).astype(np.float32)
+    got = np.asarray(gpu_kernels.matmul(w, jnp.asarray(x), interpret=True))
+    want = x.astype(np.float64) @ _reference(quant.Q4_K, raw, shape).astype(np.float64).T
+    assert got.shape == (2, 1, 48)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_supports():
+    """Only Q4_K/Q6_K, unstacked, few rows, rows divisible by 16, whole super-blocks."""
+    rng = np.random.default_rng(6)
+
+    def make(cls, shape):
+        return cls.from_raw(_random_raw(cls, shape, rng), shape)
+
+    w = make(quant.Q4_K, (64, 512))
+    assert gpu_kernels.supports(w, 2) and gpu_kernels.supports(w, gpu_kernels.MAX_ROWS)
+    assert not gpu_kernels.supports(w, 1)  # one row: XLA's fused matvec (measured faster)
+    assert gpu_kernels.supports(w, 8) and gpu_kernels.supports(w, gpu_kernels.MMA_MAX_ROWS)
+    assert not gpu_kernels.supports(w, 8, jnp.float32)  # tensor cores: bf16/f16 only
+    assert not gpu_kernels.supports(w, gpu_kernels.MMA_MAX_ROWS + 1)
+    assert not gpu_kernels.supports(make(quant.Q4_K, (24, 256)), 2)  # 24 rows: no 16-row tile
+    assert not gpu_kernels.supports(make(quant.Q8_0, (32, 256)), 2)
+    assert not gpu_kernels.supports(quant.stack([w, w]), 2)
+
+
+@pytest.mark.parametrize("cls", KERNEL_FORMATS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(("rows", "split"), [(1, 1), (3, 4), (8, 4), (64, 1)])
+def test_lowers_to_triton_for_cuda(cls, rows, split):
+    """The kernels pass Pallas' Triton lowering (power-of-two tensors, supported ops) for CUDA."""
+    shape = (2560, 1024)
+    w = cls.from_raw(_random_raw(cls, shape, np.random.default_rng(7)), shape)
+    x = jnp.ones((rows, shape[1]), jnp.bfloat16)
+    f = jax.jit(lambda w, x: gpu_kernels.matmul(w, x, split=split))
+    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    text = export.export(f, platforms=["cuda"], disabled_checks=allow)(w, x).mlir_module()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def test_decode_takes_the_kernel_on_cuda_only(monkeypatch):
+    """On a GPU host, 2 rows through Weight.matmul lower to the Triton call for CUDA only."""
+    monkeypatch.setattr(quant, "_cpu_native", lambda w: False)  # as jax.default_backend() != cpu
+    shape = (64, 512)
+    w = quant.Q4_K.from_raw(_random_raw(quant.Q4_K, shape, np.random.default_rng(8)), shape)
+    x = jnp.ones((2, shape[1]), jnp.float32)
+    f = jax.jit(lambda w, x: w.matmul(x))
+    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    cuda = export.export(f, platforms=["cuda"], disabled_checks=allow)(w, x).mlir_module()
+    assert "__gpu$xla.gpu.triton" in cuda
+    assert "triton" not in f.lower(w, x).as_text()
