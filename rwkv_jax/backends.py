@@ -77,6 +77,9 @@ class Profile:
     dtype: str | None
     # jax_default_prng_impl to set, None = leave JAX's setting (threefry2x32 unless changed)
     prng_impl: str | None
+    # tokens per generation call (session.Generator): a lax.scan samples and feeds this many on
+    # the device between host checks; 1 = one token per call, no loop in the program
+    decode_block: int
     why: str
 
 
@@ -90,6 +93,7 @@ PROFILES: dict[str, Profile] = {
         matvec="platform",
         dtype=None,
         prng_impl=None,
+        decode_block=16,
         why="CPU and CUDA: donated decode state, scanned prefill and layers, uint8 unpacking",
     ),
     "metal-safe": Profile(
@@ -103,6 +107,7 @@ PROFILES: dict[str, Profile] = {
         # threefry is plain int32/uint32 arithmetic that every Metal plugin runs (slowly, #31286)
         # and gives the CPU's bits; 'rbg' needs rng_bit_generator, which jax-metal rejects
         prng_impl="threefry2x32",
+        decode_block=1,
         why=(
             "Metal plugins: no donation, no lax.scan/while/cond in any program (host loop over "
             "one-chunk prefill calls, unrolled layers), signed-byte fields unpacked with int32 "

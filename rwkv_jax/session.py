@@ -2,10 +2,12 @@
 
 `Generator.generate` runs B streams with ragged prompts: one ragged prefill (`Model.forward` with
 `lengths`, so padding never reaches a stream's state), then a decode loop in which one compiled
-program (`sample_step`) samples a token for every row, updates its penalties and feeds the token
-back (`decode_step`). A stream that has finished is frozen: its state, logits and penalties are
-selected unchanged, so the returned state of every row is exactly the state after its own last
-consumed token.
+program (`sample_steps`: a lax.scan of `sample_step`) samples a token for every row, updates its
+penalties and feeds the token back (`decode_step`), a block of tokens per call (stop tokens and
+token limits are decided on the device; the host reads the block, decodes text and checks
+stop strings — with stop strings, one token per call). A stream that has finished is frozen:
+its state, logits and penalties are selected unchanged, so the returned state of every row is
+exactly the state after its own last consumed token.
 
 Batch invariance: row b draws its token at context position p with the key
 `fold_in(keys[b], p)`, and every sampling operation is row-wise, so a stream's tokens are the same
@@ -84,6 +86,60 @@ def _sample_step(
 _STATIC, _DONATED = ("cfg", "dtype"), ("logits", "state", "penalty")
 sample_step = jax.jit(_sample_step, static_argnames=_STATIC, donate_argnames=_DONATED)
 sample_step_kept = jax.jit(_sample_step, static_argnames=_STATIC)
+
+
+def _sample_steps(
+    params: Params,
+    logits: Array,
+    state: State,
+    penalty: Penalty,
+    keys: Array,
+    positions: Array,
+    active: Array,
+    remaining: Array,
+    stop_ids: Array,
+    sampler: SamplerParams,
+    weights: Array,
+    *,
+    n: int,
+    cfg: ModelConfig,
+    dtype,
+) -> tuple[Array, Array, Array, State, Penalty, Array, Array, Array]:
+    """`_sample_step` n times on the device (a lax.scan): a row stops on a stop token (fed, not
+    emitted) or when `remaining` [B] emitted tokens run out, exactly as the host loop decides.
+
+    Returns (tokens [n, B], fed [n, B] — whether row b took a step at iteration i —, logits,
+    state, penalty, positions, active, remaining)."""
+
+    def body(carry, _):
+        logits, state, penalty, positions, active, remaining = carry
+        tok, logits, state, penalty, positions = _sample_step(
+            params,
+            logits,
+            state,
+            penalty,
+            keys,
+            positions,
+            active,
+            sampler,
+            weights,
+            cfg=cfg,
+            dtype=dtype,
+        )
+        stop = jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
+        remaining = remaining - (active & ~stop).astype(remaining.dtype)
+        fed = active
+        active = active & ~stop & (remaining > 0)
+        return (logits, state, penalty, positions, active, remaining), (tok, fed)
+
+    init = (logits, state, penalty, positions, active, remaining)
+    (logits, state, penalty, positions, active, remaining), (toks, fed) = jax.lax.scan(
+        body, init, None, length=n
+    )
+    return toks, fed, logits, state, penalty, positions, active, remaining
+
+
+sample_steps = jax.jit(_sample_steps, static_argnames=("n", *_STATIC), donate_argnames=_DONATED)
 
 
 # ---- text with stop strings -----------------------------------------------------------------
@@ -372,8 +428,12 @@ class Generator:
         positions: Sequence[int] | None = None,
         penalty: Penalty | None = None,
         on_text: TextCallback | None = None,
+        block_size: int | None = None,
     ) -> Result:
         """Generate up to max_tokens for each of B = len(prompts) streams.
+
+        block_size: tokens sampled on the device per call (default: the backend profile's
+        decode_block, 16 on CPU/CUDA; 1 with stop strings, which are checked after every token).
 
         sampler: one for all streams or one per stream (default: greedy). keys: per-stream PRNG
         keys [B] (default `stream_keys(seed, B)`). To continue, pass the previous `state`
@@ -435,38 +495,67 @@ class Generator:
         active = np.full(B, max_tokens > 0)
         positions_dev = jnp.asarray(pos, jnp.int32)
         tokenizer = model.tokenizer
-        step = sample_step if backends.current_profile().donate else sample_step_kept
+        prof = backends.current_profile()
+        # tokens per call: a block sampled on the device, unless stop strings must be checked
+        # after every token (a block would feed tokens past the match into the state)
+        block = 1 if stops else (prof.decode_block if block_size is None else block_size)
+        if block < 1:
+            raise InputError(f"block_size {block_size} must be >= 1")
+        stop_dev = jnp.asarray(sorted(stop_ids) or [-1], jnp.int32)
         while active.any():
-            tok, logits, state, penalty, positions_dev = step(
-                model.params,
-                logits,
-                state,
-                penalty,
-                keys,
-                positions_dev,
-                jnp.asarray(active),
-                params,
-                self._weights,
-                cfg=model.config,
-                dtype=model.dtype,
-            )
-            host = np.asarray(tok)
-            for b in np.flatnonzero(active):
-                t = int(host[b])
-                pos[b] += 1
-                if fresh:
-                    full[b].append(t)
-                if t in stop_ids:
-                    finish[b], active[b] = "stop", False
-                    continue
-                out[b].append(t)
-                piece = texts[b].push(tokenizer.decode_bytes([t]))
-                if piece and on_text is not None:
-                    on_text(int(b), piece)
-                if texts[b].stopped:
-                    finish[b], active[b] = "stop_string", False
-                elif len(out[b]) >= max_tokens:
-                    active[b] = False
+            live = jnp.asarray(active)
+            if block > 1:
+                remaining = jnp.asarray([max_tokens - len(o) for o in out], jnp.int32)
+                tok, fed, logits, state, penalty, positions_dev, _, _ = sample_steps(
+                    model.params,
+                    logits,
+                    state,
+                    penalty,
+                    keys,
+                    positions_dev,
+                    live,
+                    remaining,
+                    stop_dev,
+                    params,
+                    self._weights,
+                    n=block,
+                    cfg=model.config,
+                    dtype=model.dtype,
+                )
+                toks, feds = np.asarray(tok), np.asarray(fed)
+            else:
+                step = sample_step if prof.donate else sample_step_kept
+                tok, logits, state, penalty, positions_dev = step(
+                    model.params,
+                    logits,
+                    state,
+                    penalty,
+                    keys,
+                    positions_dev,
+                    live,
+                    params,
+                    self._weights,
+                    cfg=model.config,
+                    dtype=model.dtype,
+                )
+                toks, feds = np.asarray(tok)[None], active[None]
+            for host, fed in zip(toks, feds, strict=True):
+                for b in np.flatnonzero(fed & active):
+                    t = int(host[b])
+                    pos[b] += 1
+                    if fresh:
+                        full[b].append(t)
+                    if t in stop_ids:
+                        finish[b], active[b] = "stop", False
+                        continue
+                    out[b].append(t)
+                    piece = texts[b].push(tokenizer.decode_bytes([t]))
+                    if piece and on_text is not None:
+                        on_text(int(b), piece)
+                    if texts[b].stopped:
+                        finish[b], active[b] = "stop_string", False
+                    elif len(out[b]) >= max_tokens:
+                        active[b] = False
         for b in range(B):
             piece = texts[b].close()
             if piece and on_text is not None:

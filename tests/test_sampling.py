@@ -367,6 +367,34 @@ def test_batched_streams_equal_running_alone(model):
         np.testing.assert_allclose(batch.logits[b], alone.logits[0], atol=2e-4)
 
 
+@pytest.mark.parametrize("block", [4, 16])
+def test_device_blocks_equal_token_by_token(model, block):
+    """Tokens sampled in on-device blocks (a scan of sample_step) equal one call per token:
+    tokens, finish reasons, positions, penalties, final state and logits — with a stop token
+    ending one stream mid-block, ragged limits, penalties and random sampling."""
+    gen = Generator(model)
+    samplers = [Sampler(temperature=0.8, top_p=0.9), Sampler.greedy(alpha_presence=0.5)]
+    keys = sampling.stream_keys(9, 2)
+    probe = gen.generate(PROMPTS[:1], 8, samplers[0], keys=keys[:1], block_size=1)
+    stop = probe.tokens[0][4]  # stream 0 stops at its fifth token (inside the first block)
+    kw = dict(stop_tokens=[stop], keys=keys)
+    one = gen.generate(PROMPTS[:2], 11, samplers, block_size=1, **kw)
+    blk = gen.generate(PROMPTS[:2], 11, samplers, block_size=block, **kw)
+    assert one.finish_reasons[0] == "stop" and one.finish_reasons[1] in ("length", "stop")
+    assert blk.tokens == one.tokens and blk.finish_reasons == one.finish_reasons
+    assert blk.positions == one.positions and blk.texts == one.texts
+    # the same per-token programs inside a scan: identical up to float32 reassociation
+    for a, b in zip(
+        jax.tree.leaves((blk.state, blk.penalty)),
+        jax.tree.leaves((one.state, one.penalty)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+    np.testing.assert_allclose(blk.logits, one.logits, atol=2e-4)
+    with pytest.raises(InputError):
+        gen.generate(PROMPTS[:1], 4, block_size=0)
+
+
 def test_generate_greedy_matches_model_generate(model):
     want = list(model.generate_tokens(PROMPTS[0], 8))
     got = Generator(model).generate([PROMPTS[0]], 8)
