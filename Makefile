@@ -44,7 +44,8 @@ METAL_DEPS := jax==0.4.38 jaxlib==0.4.38 equinox==0.13.8 numpy gguf pyyaml safet
               pytest pytest-timeout hypothesis
 # the core files minus the 0.1b sanity run (90 s; tiny runs the same code) and two checks of
 # the default profile's storage and donation, which metal-safe changes on purpose
-METAL_TESTS := tests/test_backends.py tests/test_model.py tests/test_prefill.py tests/test_quant.py
+METAL_TESTS := tests/test_backends.py tests/test_model.py tests/test_prefill.py tests/test_quant.py \
+               tests/test_load.py
 METAL_SKIP  := not numerically_sane and not donates_state
 
 $(METAL): pyproject.toml

@@ -8,6 +8,9 @@ import jax
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# no persistent compilation cache in tests: every run compiles what it checks and writes nothing
+# to the user's cache (tests/test_load.py turns it on with directories of its own)
+os.environ.setdefault("RWKV_JAX_COMPILE_CACHE", "0")
 
 MODEL_DIR_ENV = "RWKV_JAX_TEST_MODELS"
 
