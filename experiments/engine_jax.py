@@ -11,9 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import rwkv_jax
+from rwkv_jax import backends
 from rwkv_jax.generate import Model, decode_fn
 from rwkv_jax.gguf import GGUFFile
 from rwkv_jax.params import nbytes
+from rwkv_jax.sampling import Penalty, Sampler, SamplerParams, stream_keys
+from rwkv_jax.session import sample_steps
 
 
 @jax.jit
@@ -141,17 +144,38 @@ class JaxEngine:
         return time.perf_counter() - t0
 
     def tg(self, first: Sequence[int], n: int) -> float:
-        """Seconds for n greedy decode steps of len(first) streams from a zero state; each
-        step's token is the previous step's argmax, fed back on the device."""
+        """Seconds for n greedy decode steps of len(first) streams from a zero state, the way
+        generation runs them: the first tokens fed, then n - 1 tokens sampled (greedy) and fed
+        back on the device in one loop (session.sample_steps); a host loop of decode steps under
+        a profile without loops (metal-safe)."""
         m = self.active()
-        st = m.new_state(len(first))
+        B, V = len(first), self.vocab_size
+        st = m.new_state(B)
         tok = jnp.asarray(np.asarray(first, np.int32))
+        looped = backends.current_profile().decode_block > 1 and n > 1
+        if looped:
+            args = (
+                Penalty.zeros(B, V),
+                stream_keys(0, B),
+                jnp.zeros((B,), jnp.int32),  # positions
+                jnp.ones((B,), bool),  # active
+                jnp.full((B,), n, jnp.int32),  # remaining
+                jnp.asarray([-1], jnp.int32),  # no stop tokens
+                SamplerParams.from_samplers([Sampler.greedy()] * B, V),
+                jnp.zeros((V,), jnp.float32),  # token weights (no penalties)
+            )
         jax.block_until_ready((st, tok))
         t0 = time.perf_counter()
-        for _ in range(n):
-            logits, st = decode_fn()(m.params, tok, st, cfg=m.config, dtype=m.dtype)
-            tok = _greedy(logits)
-        np.asarray(tok)
+        logits, st = decode_fn()(m.params, tok, st, cfg=m.config, dtype=m.dtype)
+        if looped:
+            toks = sample_steps(m.params, logits, st, *args, n=n - 1, cfg=m.config, dtype=m.dtype)[
+                0
+            ]
+        else:
+            for _ in range(n - 1):
+                logits, st = decode_fn()(m.params, _greedy(logits), st, cfg=m.config, dtype=m.dtype)
+            toks = _greedy(logits)
+        np.asarray(toks)
         return time.perf_counter() - t0
 
     # ---- fidelity ----------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 prefill: one compiled program per (batch, chunk layout) runs a `lax.scan` over steps of
 `chunks_per_step` WKV chunks of `chunk_size` tokens (steps that are entirely padding are skipped
-with `lax.cond`), `chunks_per_call` chunks per call; every prompt length runs the same program and
-longer prompts take several calls with the state carried. The layout defaults by backend
-(`default_layout`): one chunk per step on the CPU (no padding waste), 512-token steps on GPUs
-(large matrix products, few kernel launches per token).
+with `lax.cond`), `chunks_per_call` chunks per call; longer prompts take several calls with the
+state carried (on the CPU a tail shorter than one step runs through a second program of
+one-chunk steps instead of a padded step: `Model.chunked_tail`). The layout defaults by
+backend (`default_layout`): 128-token steps on the CPU (blocked native matmuls), 512-token steps
+on GPUs (large matrix products, few kernel launches per token).
 decode: one token per sequence, state donated (updated in place on CPU/CUDA).
 The profile (`backends.current_profile`) picks the variants: metal-safe decodes without
 donation (`decode_fn`) and prefills with a host loop over one-chunk calls whose programs hold no
@@ -157,6 +158,9 @@ class Model:
     chunks_per_call: int = 16
     wkv_impl: str = "chunked"
     chunks_per_step: int = 1
+    # a prompt tail shorter than one step: in one-chunk steps (True: compute scales with tokens,
+    # the CPU) or as one whole padded step (False: GPUs, where small steps are launch-bound)
+    chunked_tail: bool = False
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -214,11 +218,16 @@ class Model:
         span = step_len if host else self.chunk_size * self.chunks_per_call
         impl = "unrolled" if host else self.wkv_impl
         outs, last = [], None
-        for s in range(0, int(lens.max()), span):
-            piece = toks[:, s : s + span]
-            n = piece.shape[1]
+        s, end = 0, int(lens.max())
+        while s < end:
+            step, n = step_len, min(span, end - s)
+            if self.chunked_tail and not host:
+                # whole long steps while they fill; the tail shorter than one step goes through
+                # one-chunk steps (a second program): at most chunk_size - 1 padding tokens
+                whole = (end - s) // step_len * step_len
+                step, n = (step_len, min(span, whole)) if whole else (self.chunk_size, end - s)
             padded = np.zeros((B, span), np.int32)
-            padded[:, :n] = piece
+            padded[:, :n] = toks[:, s : s + n]
             piece_lens = np.clip(lens - s, 0, n).astype(np.int32)
             logits, state = prefill_call(
                 self.params,
@@ -227,7 +236,7 @@ class Model:
                 state,
                 cfg=self.config,
                 chunk_size=self.chunk_size,
-                step_len=step_len,
+                step_len=step,
                 all_logits=all_logits,
                 impl=impl,
                 dtype=self.dtype,
@@ -237,6 +246,7 @@ class Model:
             else:  # rows that ended in an earlier piece keep their logits from there
                 has = jnp.asarray(piece_lens > 0)[:, None]
                 last = logits if last is None else jnp.where(has, logits, last)
+            s += n
         return (jnp.concatenate(outs, axis=1) if all_logits else last), state
 
     def step(self, tokens, state: State) -> tuple[Array, State]:
@@ -284,13 +294,15 @@ class Model:
 def default_layout(backend: str | None = None) -> tuple[int, int]:
     """(tokens per scan step, tokens per call) of prefill for a backend.
 
-    CPU: one 16-token chunk per step and 256 tokens per call (a short prompt computes at most
-    15 padding tokens; XLA:CPU gains nothing from bigger steps). GPU: 512-token steps and
-    4096-token calls, so every layer runs large matrix products and a few hundred kernels per
-    512 tokens instead of per 16 (measured on an H200: BENCHMARKS.md).
+    CPU: 128-token steps and 256 tokens per call: the native kernels' blocked matrix product
+    runs near the FMA peak from ~64 rows and the LM head runs once per step (pp512 on 2 cores,
+    0.1b Q4_K_M: 16-token steps 514-532 tok/s, 64: ~600, 128: 655-677); a tail shorter than
+    one step runs in one-chunk steps (Model.chunked_tail: a second program, padding < a chunk). GPU:
+    512-token steps and 4096-token calls, so every layer runs large matrix products and a few
+    hundred kernels per 512 tokens instead of per 16 (measured on an H200: BENCHMARKS.md).
     """
     backend = backend or jax.default_backend()
-    return (16, 256) if backend == "cpu" else (512, 4096)
+    return (128, 256) if backend == "cpu" else (512, 4096)
 
 
 def load(path: str | os.PathLike[str], **options) -> Model:
@@ -337,6 +349,8 @@ def from_gguf(
         raise InputError(f"chunk_size {chunk_size} must be 16, 32 or 64")
     step_tokens, call_tokens = default_layout()
     step = chunks_per_step or max(1, step_tokens // chunk_size)
+    if chunks_per_step is None and chunks_per_call:  # a default step must divide the call
+        step = int(np.gcd(step, chunks_per_call))
     call = chunks_per_call or max(step, call_tokens // chunk_size // step * step)
     if step < 1 or call < step or call % step:
         raise InputError(
@@ -353,6 +367,7 @@ def from_gguf(
         )
         params = load_params(f, mode=mode, dtype=DTYPES[dtype], stack_layers=stack_layers)
         tokenizer = tok.result()
+    tail = jax.default_backend() == "cpu"  # see Model.chunked_tail
     return Model(
-        params, f.config, tokenizer, f.path, DTYPES[dtype], chunk_size, call, wkv_impl, step
+        params, f.config, tokenizer, f.path, DTYPES[dtype], chunk_size, call, wkv_impl, step, tail
     )

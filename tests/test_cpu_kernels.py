@@ -135,6 +135,45 @@ def test_odd_shapes(cls, out, rows):
     _assert_dot_close(_matmul(w, x), x, deq)
 
 
+def _info_int(key: str) -> int:
+    """A number from cpu_kernels.info() ('... tile_min_rows=8 tile_kc=4096 ...')."""
+    fields = dict(kv.split("=", 1) for kv in cpu_kernels.info().split() if "=" in kv)
+    return int(fields[key])
+
+
+@native
+@pytest.mark.parametrize("cls", FORMATS, ids=lambda c: c.__name__)
+def test_tiled_path_every_format(cls):
+    """Many activation rows (the prefill path: dequantized tiles, blocked microkernel) for
+    every format, with edge blocks in both directions (out = 37, M = tile_min_rows + 5);
+    dense formats with in a multiple of 16 (the only ones the tiled path takes)."""
+    out, n_in = _shape(cls)
+    n_in = 96 if cls in DENSE else n_in
+    w, deq = _weight(cls, (out, n_in), seed=70 + int(cls.GGML_TYPE))
+    rows = _info_int("tile_min_rows") + 5
+    x = np.random.default_rng(7).standard_normal((rows, n_in)).astype(np.float32)
+    _assert_dot_close(_matmul(w, x), x, deq)
+
+
+@native
+@pytest.mark.parametrize(
+    "cls, n_in, rows",
+    [
+        (quant.Q4_K, 1024, 8),  # rows 4 KiB apart: x is copied to padded rows first
+        (quant.Q4_K, 256 * 17, 9),  # in > tile_kc: partial sums carried between input blocks
+        (quant.F32, 4096 + 1024, 12),  # float32 rows used in place as the tile, two blocks
+        (quant.Q6_K, 2048, 16),
+    ],
+)
+def test_tiled_path_long_rows(cls, n_in, rows):
+    """Long weight rows on the tiled path: padded activation rows, several input blocks."""
+    assert n_in > _info_int("tile_kc") or n_in % 1024 == 0
+    w, deq = _weight(cls, (20, n_in), seed=n_in)
+    x = np.random.default_rng(n_in).standard_normal((rows, n_in)).astype(np.float32)
+    _assert_dot_close(_matmul(w, x), x, deq)
+    _assert_dot_close(_matmul(w, x[:1]), x[:1], deq)  # one row: the direct path, same bound
+
+
 @native
 def test_leading_axes_dtype_and_platform_dependent():
     """x [2, 3, in] in bfloat16 -> float32 [2, 3, out]; works as the cpu branch of

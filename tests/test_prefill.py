@@ -3,6 +3,7 @@ compiled-once / donated-state properties of the two jit sites."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -82,14 +83,34 @@ def test_split_invariance(synth_model, split):
         assert float(jnp.abs(x - y).max()) <= TOL
 
 
-def test_prefill_compiles_once_per_batch_and_chunk(synth_model):
-    model = rwkv_jax.load(synth_model("tiny", "F32"), chunk_size=32, chunks_per_call=2)
+@pytest.mark.parametrize("T", [7, 300])
+def test_chunked_tail_equals_padded_step(synth_model, T):
+    """A tail in one-chunk steps (CPU default) = the same tokens in one padded long step."""
+    model = rwkv_jax.load(synth_model("tiny", "Q4_K_M"), chunks_per_step=8, chunks_per_call=16)
+    assert model.chunked_tail  # the CPU default
+    toks = np.stack([_tokens(T), _tokens(T, 5)])
+    lens = [T, max(1, T - 5)]
+    got, s_got = model.forward(toks, lengths=lens, all_logits=True)
+    want, s_want = dataclasses.replace(model, chunked_tail=False).forward(
+        toks, lengths=lens, all_logits=True
+    )
+    assert float(jnp.abs(got - want).max()) <= TOL
+    for x, y in zip(jax.tree.leaves(s_got), jax.tree.leaves(s_want), strict=True):
+        assert float(jnp.abs(x - y).max()) <= TOL
+
+
+def test_prefill_compiles_twice_per_batch_and_chunk(synth_model):
+    """Two programs per batch size: whole long steps, and one-chunk steps for a tail shorter
+    than a long step; every prompt length reuses them."""
+    model = rwkv_jax.load(
+        synth_model("tiny", "F32"), chunk_size=32, chunks_per_step=2, chunks_per_call=2
+    )
     before = prefill_call._cache_size()
-    for T in (1, 5, 33, 64, 65, 200):  # 200 tokens take 4 calls of the same program
+    for T in (1, 5, 33, 64, 65, 200):  # 200 tokens: 3 long calls and a 8-token tail
         model.forward(_tokens(T))
-    assert prefill_call._cache_size() - before == 1
-    model.forward(np.stack([_tokens(10), _tokens(10, 3)]))  # a new batch size: one more
     assert prefill_call._cache_size() - before == 2
+    model.forward(np.stack([_tokens(10), _tokens(10, 3)]))  # a new batch size, tail only
+    assert prefill_call._cache_size() - before == 3
 
 
 def test_decode_step_compiles_once_and_donates_state(synth_model):
