@@ -12,13 +12,13 @@ bytes, next to a measured device copy. --model PRESET also times whole decode st
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
 from experiments.cpu_matvec import random_weight
+from experiments.decode_profile import bench
 from rwkv_jax import gpu_kernels, quant
 
 C, F, VOCAB = 2560, 10240, 65536
@@ -32,15 +32,8 @@ CASES = [
 
 
 def timed(fn, *args, reps: int) -> float:
-    """Median seconds of a blocking call, after two warm-up calls."""
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    """Median seconds of a blocking call, after two warm-up calls (decode_profile.bench)."""
+    return bench(fn, *args, n=reps) / 1e3
 
 
 def copy_gbs(reps: int) -> float:
