@@ -83,11 +83,23 @@ def supports(weight, rows: int, dtype=jnp.bfloat16) -> bool:
     if not ENABLED or name not in _FORMATS or rows < MIN_ROWS:
         return False
     mma = rows > MAX_ROWS
-    if mma and (rows > MMA_MAX_ROWS or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16)):
+    if mma and (rows > MMA_MAX_ROWS or not _tensor_cores(jnp.dtype(dtype))):
         return False
     out, n_in = weight.shape
     lead = jax.tree.leaves(weight)[0].ndim - type(weight).leaf_ndim()
     return lead == 0 and n_in % QK_K == 0 and _row_tile(out, MMA_ROWS if mma else None) is not None
+
+
+def _tensor_cores(dtype) -> bool:
+    """Whether the default device's tensor cores take `dtype` (bf16: sm_80+, f16: sm_70+);
+    True off CUDA (the CUDA branch is not lowered there) or when the device does not say."""
+    if dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    try:
+        cc = float(jax.devices()[0].compute_capability)
+    except (AttributeError, TypeError, ValueError):
+        return True
+    return cc >= (8.0 if dtype == jnp.bfloat16 else 7.0)
 
 
 def matmul(

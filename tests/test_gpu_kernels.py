@@ -134,3 +134,20 @@ def test_decode_takes_the_kernel_on_cuda_only(monkeypatch):
     cuda = export.export(f, platforms=["cuda"], disabled_checks=allow)(w, x).mlir_module()
     assert "__gpu$xla.gpu.triton" in cuda
     assert "triton" not in f.lower(w, x).as_text()
+
+
+def test_tensor_core_path_needs_a_capable_card(monkeypatch):
+    """bf16 tensor cores need sm_80+ (f16: sm_70+); older cards keep the XLA dot for > 4 rows."""
+    shape = (64, 512)
+    w = quant.Q4_K.from_raw(_random_raw(quant.Q4_K, shape, np.random.default_rng(9)), shape)
+
+    class Card:
+        def __init__(self, cc: str):
+            self.compute_capability = cc
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [Card("7.5")])
+    assert not gpu_kernels.supports(w, 8, jnp.bfloat16)
+    assert gpu_kernels.supports(w, 8, jnp.float16)
+    assert gpu_kernels.supports(w, 2, jnp.bfloat16)  # float32 FMAs run on any card
+    monkeypatch.setattr(jax, "devices", lambda *a: [Card("9.0")])
+    assert gpu_kernels.supports(w, 8, jnp.bfloat16)
