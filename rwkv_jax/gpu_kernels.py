@@ -208,7 +208,9 @@ def _call(fmt, shapes, dtypes, m, out, nb, tile, parts, num_warps, mma, interpre
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
-        params = plgpu.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES)
+        # jax < 0.5 names it TritonCompilerParams
+        cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
+        params = cls(num_warps=num_warps, num_stages=NUM_STAGES)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((parts, out, m), jnp.float32),
