@@ -59,7 +59,7 @@ class Profile:
     """The code paths one kind of backend can run; every field is read in exactly one place."""
 
     name: str
-    # decode/sample steps donate the state buffers (generate.decode_fn, session.sample_step)
+    # decode/sample steps donate the state buffers (generate.decode_fn, session.sample_steps)
     donate: bool
     # prefill: "scan" = one program per call scanning over steps of WKV chunks; "host" = a Python
     # loop over one-chunk calls whose programs hold no loop (token recurrence unrolled)

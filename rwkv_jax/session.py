@@ -2,7 +2,7 @@
 
 `Generator.generate` runs B streams with ragged prompts: one ragged prefill (`Model.forward` with
 `lengths`, so padding never reaches a stream's state), then a decode loop in which one compiled
-program (`sample_steps`: a lax.scan of `sample_step`) samples a token for every row, updates its
+program (`sample_steps`: a lax.scan of one sampling step) samples a token for every row, updates its
 penalties and feeds the token back (`decode_step`), a block of tokens per call (stop tokens and
 token limits are decided on the device; the host reads the block, decodes text and checks
 stop strings — with stop strings, one token per call). A stream that has finished is frozen:
@@ -56,38 +56,6 @@ def _freeze(active: Array, new: Array, old: Array, batch_axis: int) -> Array:
     return jnp.where(active.reshape(shape), new, old)
 
 
-def _sample_step(
-    params: Params,
-    logits: Array,
-    state: State,
-    penalty: Penalty,
-    keys: Array,
-    positions: Array,
-    active: Array,
-    sampler: SamplerParams,
-    weights: Array,
-    *,
-    cfg: ModelConfig,
-    dtype,
-) -> tuple[Array, Array, State, Penalty, Array]:
-    """Sample a token per row from logits [B, V], feed it, return (tokens, logits, state,
-    penalty, positions); rows with active=False keep their logits, state, penalty, position."""
-    row_keys = jax.vmap(jax.random.fold_in)(keys, positions)  # key of (stream, position)
-    tokens = sampling.sample(logits, row_keys, sampler, penalty)
-    new_penalty = sampling.update_penalties(penalty, tokens, sampler, weights)
-    new_logits, new_state = decode_fn()(params, tokens, state, cfg=cfg, dtype=dtype)
-    state = jax.tree.map(lambda n, o: _freeze(active, n, o, 1), new_state, state)
-    penalty = jax.tree.map(lambda n, o: _freeze(active, n, o, 0), new_penalty, penalty)
-    logits = _freeze(active, new_logits, logits, 0)
-    return tokens, logits, state, penalty, positions + active.astype(positions.dtype)
-
-
-# two variants of the jit site: buffers donated (CPU/CUDA) or kept (the metal-safe profile)
-_STATIC, _DONATED = ("cfg", "dtype"), ("logits", "state", "penalty")
-sample_step = jax.jit(_sample_step, static_argnames=_STATIC, donate_argnames=_DONATED)
-sample_step_kept = jax.jit(_sample_step, static_argnames=_STATIC)
-
-
 def _sample_steps(
     params: Params,
     logits: Array,
@@ -104,42 +72,44 @@ def _sample_steps(
     n: int,
     cfg: ModelConfig,
     dtype,
-) -> tuple[Array, Array, Array, State, Penalty, Array, Array, Array]:
-    """`_sample_step` n times on the device (a lax.scan): a row stops on a stop token (fed, not
-    emitted) or when `remaining` [B] emitted tokens run out, exactly as the host loop decides.
+) -> tuple[Array, Array, Array, State, Penalty, Array]:
+    """n generation steps on the device: each samples a token per row from logits [B, V] and
+    feeds it back. A row stops on a stop token (fed, not emitted) or when `remaining` [B]
+    emitted tokens run out; a stopped row keeps its logits, state, penalty and position.
 
-    Returns (tokens [n, B], fed [n, B] — whether row b took a step at iteration i —, logits,
-    state, penalty, positions, active, remaining)."""
+    Returns (tokens [n, B], fed [n, B] — whether row b took step i —, logits, state, penalty,
+    positions). n = 1 is straight-line code (no scan): no loop primitive of its own, as the
+    metal-safe profile needs."""
 
-    def body(carry, _):
+    def step(carry, _):
         logits, state, penalty, positions, active, remaining = carry
-        tok, logits, state, penalty, positions = _sample_step(
-            params,
-            logits,
-            state,
-            penalty,
-            keys,
-            positions,
-            active,
-            sampler,
-            weights,
-            cfg=cfg,
-            dtype=dtype,
-        )
-        stop = jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
+        row_keys = jax.vmap(jax.random.fold_in)(keys, positions)  # key of (stream, position)
+        tokens = sampling.sample(logits, row_keys, sampler, penalty)
+        new_penalty = sampling.update_penalties(penalty, tokens, sampler, weights)
+        new_logits, new_state = decode_fn()(params, tokens, state, cfg=cfg, dtype=dtype)
+        state = jax.tree.map(lambda n, o: _freeze(active, n, o, 1), new_state, state)
+        penalty = jax.tree.map(lambda n, o: _freeze(active, n, o, 0), new_penalty, penalty)
+        logits = _freeze(active, new_logits, logits, 0)
+        positions = positions + active.astype(positions.dtype)
+        stop = jnp.any(tokens[:, None] == stop_ids[None, :], axis=1)
         remaining = remaining - (active & ~stop).astype(remaining.dtype)
-        fed = active
-        active = active & ~stop & (remaining > 0)
-        return (logits, state, penalty, positions, active, remaining), (tok, fed)
+        carry = (logits, state, penalty, positions, active & ~stop & (remaining > 0), remaining)
+        return carry, (tokens, active)
 
     init = (logits, state, penalty, positions, active, remaining)
-    (logits, state, penalty, positions, active, remaining), (toks, fed) = jax.lax.scan(
-        body, init, None, length=n
-    )
-    return toks, fed, logits, state, penalty, positions, active, remaining
+    if n == 1:  # a scan of length 1 still lowers to a while loop
+        carry, (toks, fed) = step(init, None)
+        toks, fed = toks[None], fed[None]
+    else:
+        carry, (toks, fed) = jax.lax.scan(step, init, None, length=n)
+    logits, state, penalty, positions, _, _ = carry
+    return toks, fed, logits, state, penalty, positions
 
 
-sample_steps = jax.jit(_sample_steps, static_argnames=("n", *_STATIC), donate_argnames=_DONATED)
+# two variants of the jit site: buffers donated (CPU/CUDA) or kept (the metal-safe profile)
+_STATIC, _DONATED = ("n", "cfg", "dtype"), ("logits", "state", "penalty")
+sample_steps = jax.jit(_sample_steps, static_argnames=_STATIC, donate_argnames=_DONATED)
+sample_steps_kept = jax.jit(_sample_steps, static_argnames=_STATIC)
 
 
 # ---- text with stop strings -----------------------------------------------------------------
@@ -502,43 +472,28 @@ class Generator:
         if block < 1:
             raise InputError(f"block_size {block_size} must be >= 1")
         stop_dev = jnp.asarray(sorted(stop_ids) or [-1], jnp.int32)
+        steps = sample_steps if prof.donate else sample_steps_kept
         while active.any():
-            live = jnp.asarray(active)
-            if block > 1:
-                remaining = jnp.asarray([max_tokens - len(o) for o in out], jnp.int32)
-                tok, fed, logits, state, penalty, positions_dev, _, _ = sample_steps(
-                    model.params,
-                    logits,
-                    state,
-                    penalty,
-                    keys,
-                    positions_dev,
-                    live,
-                    remaining,
-                    stop_dev,
-                    params,
-                    self._weights,
-                    n=block,
-                    cfg=model.config,
-                    dtype=model.dtype,
-                )
-                toks, feds = np.asarray(tok), np.asarray(fed)
-            else:
-                step = sample_step if prof.donate else sample_step_kept
-                tok, logits, state, penalty, positions_dev = step(
-                    model.params,
-                    logits,
-                    state,
-                    penalty,
-                    keys,
-                    positions_dev,
-                    live,
-                    params,
-                    self._weights,
-                    cfg=model.config,
-                    dtype=model.dtype,
-                )
-                toks, feds = np.asarray(tok)[None], active[None]
+            left = [max_tokens - len(o) for o in out]
+            # no longer than the longest remaining stream, in powers of two (few programs)
+            n = min(block, 1 << (max(left[b] for b in np.flatnonzero(active)) - 1).bit_length())
+            tok, fed, logits, state, penalty, positions_dev = steps(
+                model.params,
+                logits,
+                state,
+                penalty,
+                keys,
+                positions_dev,
+                jnp.asarray(active),
+                jnp.asarray(left, jnp.int32),
+                stop_dev,
+                params,
+                self._weights,
+                n=n,
+                cfg=model.config,
+                dtype=model.dtype,
+            )
+            toks, feds = np.asarray(tok), np.asarray(fed)
             for host, fed in zip(toks, feds, strict=True):
                 for b in np.flatnonzero(fed & active):
                     t = int(host[b])

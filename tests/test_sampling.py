@@ -369,7 +369,7 @@ def test_batched_streams_equal_running_alone(model):
 
 @pytest.mark.parametrize("block", [4, 16])
 def test_device_blocks_equal_token_by_token(model, block):
-    """Tokens sampled in on-device blocks (a scan of sample_step) equal one call per token:
+    """Tokens sampled in on-device blocks (a scan of sampling steps) equal one call per token:
     tokens, finish reasons, positions, penalties, final state and logits — with a stop token
     ending one stream mid-block, ragged limits, penalties and random sampling."""
     gen = Generator(model)
