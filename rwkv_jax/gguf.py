@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import mmap
 import os
 import re
 import struct
@@ -545,11 +546,253 @@ def _field_value(field: Any) -> Any:
     return field.contents()
 
 
+# --------------------------------------------------------------------------------------------
+# GGUFFile's fast path. gguf-py's reader makes a numpy view per header item (two per string of
+# the 65536-entry vocabulary: 131k views, ~0.2 s) before ReaderField.contents() turns them into
+# Python values. `_FastHeader` reads the same header with struct and bytes slices straight into
+# the values contents() gives, and the tensor table straight into `check_tensor_table`. It only
+# ever ACCEPTS: it takes a file when every check the checked reader makes passes, and on
+# anything else (a bound, a limit, invalid UTF-8, a repeated key, a bad alignment, a big-endian
+# file...) it gives up and GGUFFile reads the file again through `open_reader`. So each error,
+# and its message, is still the checked reader's; tests compare the two paths value for value.
+# --------------------------------------------------------------------------------------------
+
+_FAST = True  # tests switch it off to compare GGUFFile with the checked reader's path
+
+
+class _Unsure(Exception):
+    """The fast path leaves this file to the checked reader (almost always: it is malformed)."""
+
+
+_U32 = struct.Struct("<I")
+_TYPE_AND_COUNT = struct.Struct("<IQ")  # an array's element type and length
+_TYPE_AND_OFFSET = struct.Struct("<IQ")  # a tensor's ggml type and data offset
+_HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, kv count
+_DIMS = {n: struct.Struct(f"<{n}Q") for n in range(1, MAX_DIMS + 1)}
+_PSEUDO_KEYS = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")  # gguf-py's own fields
+_NP_SCALAR = {t: np.dtype(d) for t, d in getattr(gguf.GGUFReader, "gguf_scalar_to_np", {}).items()}
+_BYTE = np.dtype(np.uint8)
+# A leaf of a nested array as gguf-py keeps it: (dtype, file offset, element count).
+_Leaf = tuple[np.dtype, int, int]
+
+
+@dataclass(frozen=True)
+class _Mapped:
+    """What GGUFFile keeps of a file the fast path read (the part of GGUFReader it uses)."""
+
+    data: np.ndarray  # uint8, the whole file over its mmap
+    alignment: int
+    data_offset: int
+    byte_order: str = "I"
+
+
+class _FastHeader:
+    """One pass of struct reads over a little-endian GGUF's header (see the section comment)."""
+
+    def __init__(self, mm: mmap.mmap | bytes):
+        self.mm = mm
+        self.size = len(mm)
+        self.elems_left = MAX_ARRAY_TOTAL  # as _CheckedReader counts them, in the same order
+
+    def read(self) -> tuple[_Mapped, dict[str, Any], dict[str, TensorInfo]]:
+        """(the mapping, metadata as GGUFFile holds it, tensors); _Unsure where not certain."""
+        mm = self.mm
+        magic, version, n_tensors, n_kv = _HEADER.unpack_from(mm, 0)
+        supported = getattr(gguf.gguf_reader, "READER_SUPPORTED_VERSIONS", [2, 3])
+        if magic != b"GGUF" or version not in supported or sys.byteorder != "little":
+            raise _Unsure  # other byte order (version & 0xFFFF == 0) included
+        meta, vtypes, offs = self._fields(HEADER_BYTES, n_kv)
+        table, offs = self._tensor_infos(offs, n_tensors)
+        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+        if "general.alignment" in vtypes:  # gguf-py: a UINT32, a non-zero power of two
+            alignment = meta["general.alignment"]
+            if vtypes["general.alignment"] != _V.UINT32 or not alignment:
+                raise _Unsure
+            if alignment & (alignment - 1):
+                raise _Unsure
+        data_offset = offs + (-offs % alignment)
+        check_tensor_table(table, data_offset, alignment, self.size)
+        plain = np.frombuffer(mm, np.uint8)
+        sizes: dict[int, tuple[int, int]] = {}
+        tensors: dict[str, TensorInfo] = {}
+        for name, ne, ggml_type, offset in table:
+            blk, type_size = sizes.get(ggml_type) or sizes.setdefault(
+                ggml_type, gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+            )
+            begin = data_offset + offset
+            n_bytes = ne[0] // blk * type_size * math.prod(ne[1:])
+            tensors[name] = TensorInfo(name, ggml_type, ne, plain[begin : begin + n_bytes])
+        return _Mapped(plain, alignment, data_offset), meta, tensors
+
+    def _fields(self, offs: int, count: int) -> tuple[dict[str, Any], dict[str, _V], int]:
+        """Metadata values (keys "GGUF.*" left out), value type per key, and the offset after."""
+        mm, size = self.mm, self.size
+        if count > MAX_KV_COUNT or count * _MIN_KV_BYTES > size - offs:
+            raise _Unsure
+        meta: dict[str, Any] = {}
+        vtypes: dict[str, _V] = dict.fromkeys(_PSEUDO_KEYS, _V.UINT64)
+        for _ in range(count):
+            (n,) = _U64.unpack_from(mm, offs)
+            key_end = offs + 8 + n
+            if n > MAX_KEY_BYTES:
+                raise _Unsure
+            (raw,) = _U32.unpack_from(mm, key_end)  # also proves the key lies inside
+            key = str(mm[offs + 8 : key_end], "utf-8")
+            if key in vtypes:  # gguf-py refuses a repeated key
+                raise _Unsure
+            vtypes[key] = vtype = _V(raw)
+            value, offs = self._value(key_end + 4, vtype)
+            if not key.startswith("GGUF."):
+                meta[key] = value
+        return meta, vtypes, offs
+
+    def _value(self, offs: int, vtype: _V) -> tuple[Any, int]:
+        """(value as ReaderField.contents() gives it, offset after it) of one metadata value."""
+        mm = self.mm
+        if vtype == _V.STRING:
+            (n,) = _U64.unpack_from(mm, offs)
+            end = offs + 8 + n
+            if n > MAX_STRING_BYTES or end > self.size:
+                raise _Unsure
+            return str(mm[offs + 8 : end], "utf-8"), end
+        if vtype != _V.ARRAY:
+            dtype = _NP_SCALAR[vtype]
+            end = offs + dtype.itemsize
+            if end > self.size:
+                raise _Unsure
+            return np.frombuffer(mm, dtype, 1, offs).tolist()[0], end
+        (raw_itype, _) = _TYPE_AND_COUNT.unpack_from(mm, offs)
+        if _V(raw_itype) == _V.ARRAY:  # rare: gguf-py flattens nested arrays, see _contents
+            types, leaves, end = self._nested(offs, 0)
+            return self._contents(types, leaves), end
+        itype, n, start = self._array_head(offs)
+        if itype == _V.STRING:
+            return self._strings(start, n)
+        dtype = _NP_SCALAR[itype]
+        end = start + n * dtype.itemsize
+        if end > self.size:
+            raise _Unsure
+        return np.frombuffer(mm, dtype, n, start).tolist(), end
+
+    def _array_head(self, offs: int) -> tuple[_V, int, int]:
+        """(element type, length, first element's offset) of an array within every limit."""
+        raw_itype, n = _TYPE_AND_COUNT.unpack_from(self.mm, offs)
+        itype, start = _V(raw_itype), offs + 12
+        if n * _MIN_VALUE_BYTES[itype] > self.size - start:
+            raise _Unsure
+        if n > MAX_ARRAY_LEN or n > self.elems_left:
+            raise _Unsure
+        self.elems_left -= n
+        return itype, n, start
+
+    def _strings(self, offs: int, n: int) -> tuple[list[str], int]:
+        """n length-prefixed UTF-8 strings from offs (the vocabulary: the hot loop)."""
+        mm, unpack, limit = self.mm, _U64.unpack_from, MAX_STRING_BYTES
+        out: list[str] = []
+        append = out.append
+        for _ in range(n):
+            (slen,) = unpack(mm, offs)  # struct.error past the end
+            if slen > limit:
+                raise _Unsure
+            start, offs = offs + 8, offs + 8 + slen
+            append(mm[start:offs].decode("utf-8"))
+        if offs > self.size:  # only the last slice can have been cut short silently
+            raise _Unsure
+        return out, offs
+
+    def _nested(self, offs: int, depth: int) -> tuple[list[_V], list[_Leaf], int]:
+        """gguf-py's types list and data leaves of an array, at nesting depth `depth`."""
+        itype, n, offs = self._array_head(offs)
+        types = [_V.ARRAY]  # then the first element's types, as gguf-py records them
+        leaves: list[_Leaf] = []
+        if itype == _V.ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise _Unsure
+            for i in range(n):
+                sub_types, sub_leaves, offs = self._nested(offs, depth + 1)
+                if i == 0:
+                    types += sub_types
+                leaves += sub_leaves
+            return types, leaves, offs
+        types += [itype] if n else []
+        if itype == _V.STRING:
+            for _ in range(n):
+                (slen,) = _U64.unpack_from(self.mm, offs)
+                if slen > MAX_STRING_BYTES or offs + 8 + slen > self.size:
+                    raise _Unsure
+                leaves.append((_BYTE, offs + 8, slen))
+                offs += 8 + slen
+            return types, leaves, offs
+        dtype = _NP_SCALAR[itype]
+        if offs + n * dtype.itemsize > self.size:
+            raise _Unsure
+        leaves += [(dtype, offs + i * dtype.itemsize, 1) for i in range(n)]
+        return types, leaves, offs + n * dtype.itemsize
+
+    def _contents(self, types: list[_V], leaves: list[_Leaf]) -> list[Any]:
+        """ReaderField.contents() of a nested array: its leaves flattened, read as types[-1]."""
+        mm = self.mm
+        if types[-1] == _V.STRING:  # every leaf's bytes as UTF-8, scalars' included
+            return [str(mm[o : o + d.itemsize * c], "utf-8") for d, o, c in leaves]
+        return [v for d, o, c in leaves if c for v in np.frombuffer(mm, d, c, o).tolist()]
+
+    def _tensor_infos(self, offs: int, count: int) -> tuple[list[tuple], int]:
+        """(name, ne, ggml type, data offset) rows for check_tensor_table, and the offset after."""
+        mm = self.mm
+        if count > MAX_TENSOR_COUNT or count * _MIN_TENSOR_INFO_BYTES > self.size - offs:
+            raise _Unsure
+        table = []
+        for _ in range(count):
+            (n,) = _U64.unpack_from(mm, offs)
+            if n > MAX_NAME_BYTES:
+                raise _Unsure
+            name_end = offs + 8 + n
+            (n_dims,) = _U32.unpack_from(mm, name_end)  # also proves the name lies inside
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise _Unsure
+            name = str(mm[offs + 8 : name_end], "utf-8")
+            ne = _DIMS[n_dims].unpack_from(mm, name_end + 4)
+            offs = name_end + 4 + 8 * n_dims
+            ggml_type, offset = _TYPE_AND_OFFSET.unpack_from(mm, offs)
+            table.append((name, ne, ggml_type, offset))
+            offs += 12
+        return table, offs
+
+
+def _read_fast(path: str) -> tuple[_Mapped, dict[str, Any], dict[str, TensorInfo]] | None:
+    """The fast path's reading of `path`, or None to leave it to the checked reader."""
+    try:
+        with open(path, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):  # missing, a directory, empty...: open_reader says which
+        return None
+    try:
+        return _FastHeader(mm).read()
+    except (_Unsure, GGUFError, struct.error, ValueError, KeyError, IndexError, OverflowError):
+        with contextlib.suppress(BufferError):  # a view may still hold it: then the GC will
+            mm.close()
+        return None
+
+
 class GGUFFile:
     """An opened, validated `rwkv7` GGUF: metadata, config, and tensors over one mmap."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.fspath(path)
+        self._reader: gguf.GGUFReader | _Mapped | None
+        self.metadata: dict[str, Any]
+        self.tensors: dict[str, TensorInfo]
+        fast = _read_fast(self.path) if _FAST and _CHECKED else None
+        if fast is None:
+            self._read_checked()
+        else:
+            self._reader, self.metadata, self.tensors = fast
+        self.config = self._read_config()
+        self._check_tensors()
+        self._check_tokenizer()
+
+    def _read_checked(self) -> None:
+        """Metadata and tensors through open_reader: gguf-py's parser, every read checked."""
         reader = open_reader(self.path)
         if reader.byte_order != "I":
             raise GGUFError(
@@ -578,9 +821,6 @@ class GGUFFile:
                 for t in reader.tensors
             ]
             check_tensor_table(table, 0, 1, int(reader.data.size))
-        self.config = self._read_config()
-        self._check_tensors()
-        self._check_tokenizer()
 
     # ---- metadata ---------------------------------------------------------------------------
 
@@ -722,7 +962,8 @@ class GGUFFile:
         ):
             if value is None:
                 continue
-            if not isinstance(value, list) or not all(type(v) is kind for v in value):
+            # set(map(type, ...)): the exact-type test of every entry, at C speed (65536 of them)
+            if not isinstance(value, list) or not set(map(type, value)) <= {kind}:
                 raise GGUFError(
                     f"{self.path}: metadata key '{key}' must be an array of {kind.__name__}"
                 )

@@ -17,6 +17,7 @@ import json
 import os
 import resource
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,8 @@ import traceback
 import gguf
 import numpy as np
 import pytest
+
+from rwkv_jax.errors import GGUFError
 
 T = gguf.GGMLQuantizationType
 
@@ -398,6 +401,222 @@ def test_mutator_is_deterministic(tmp_path):
     a = mutate(data, sl, start, np.random.default_rng([0, 17]))
     b = mutate(data, sl, start, np.random.default_rng([0, 17]))
     assert a == b and a[0] != data
+
+
+# ---- GGUFFile's fast path agrees with the checked reader ---------------------------------------
+
+FAST_CASES = 1000  # mutated files opened both ways (~4 s on 2 cores)
+
+
+def _opened(path: str, fast: bool, monkeypatch) -> tuple[str, object]:
+    """('load', what GGUFFile read) or ('error', exception type and message), one path forced."""
+    import rwkv_jax.gguf as g
+
+    monkeypatch.setattr(g, "_FAST", fast)
+    try:
+        f = g.GGUFFile(path)
+    except g.GGUFError as exc:
+        return "error", (type(exc), str(exc))
+    base = f._reader.data.ctypes.data
+    tensors = [
+        (t.name, t.ggml_type, t.ne, t.data.ctypes.data - base, t.data.shape, t.data.dtype)
+        for t in f.tensors.values()
+    ]
+    used_fast = isinstance(f._reader, g._Mapped)
+    # repr: a NaN equals itself, and 1 vs 1.0 vs True differ
+    return "load", (repr(f.metadata), tensors, f.config, used_fast)
+
+
+def test_fast_path_equals_checked_reader_on_mutated_files(tmp_path, monkeypatch):
+    """Mutated small models: the fast path loads exactly what the checked reader loads, and
+    every file the checked reader rejects is rejected with the very same message."""
+    base = write_small_model(tmp_path / "base.gguf")
+    data = open(base, "rb").read()
+    slot_list, data_start = slots(base)
+    path = str(tmp_path / "case.gguf")
+    counts = {"load": 0, "error": 0}
+    for i in range(FAST_CASES):
+        mutated, desc = mutate(data, slot_list, data_start, np.random.default_rng([5, i]))
+        if os.path.exists(path):  # a new inode: an old mapping never sees a shorter file
+            os.unlink(path)
+        with open(path, "wb") as fh:
+            fh.write(mutated)
+        fast = _opened(path, True, monkeypatch)
+        checked = _opened(path, False, monkeypatch)
+        if fast[0] == "load":
+            assert fast[1][3], f"case {i} ({desc}): a valid file left the fast path"
+            assert not checked[1][3]
+            fast, checked = (fast[0], fast[1][:3]), (checked[0], checked[1][:3])
+        assert fast == checked, f"case {i} ({desc})"
+        counts[fast[0]] += 1
+    assert counts["load"] >= FAST_CASES // 50 and counts["error"] >= FAST_CASES // 2, counts
+
+
+def _s(text: str | bytes) -> bytes:
+    """A GGUF string: u64 length, then the bytes."""
+    raw = text.encode() if isinstance(text, str) else text
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _array(itype: int, items: list[bytes], n: int | None = None) -> bytes:
+    """A GGUF array value (without its own type id): element type, count (n, else the number of
+    items), packed elements."""
+    n = len(items) if n is None else n
+    return itype.to_bytes(4, "little") + n.to_bytes(8, "little") + b"".join(items)
+
+
+def _raw_gguf(path, kvs: list[tuple[str, int, bytes]]) -> str:
+    """A GGUF v3 file without tensors holding kvs (key, value type, value bytes) as given."""
+    out = b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little")
+    out += len(kvs).to_bytes(8, "little")
+    for key, vtype, value in kvs:
+        out += _s(key) + vtype.to_bytes(4, "little") + value
+    with open(path, "wb") as fh:
+        fh.write(out)
+    return os.fspath(path)
+
+
+def _gguf_py_metadata(path: str) -> dict:
+    """Metadata as gguf-py's own reader gives it (ReaderField.contents())."""
+    r = gguf.GGUFReader(path)
+    return {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+
+def test_fast_path_values_equal_gguf_py_on_crafted_arrays(tmp_path):
+    """Every value type, empty arrays and strings, multi-byte UTF-8, and nested arrays whose
+    elements differ in type (gguf-py flattens them and reads all by the first one's type)."""
+    from rwkv_jax.gguf import _read_fast
+
+    V = gguf.GGUFValueType
+    u32 = [i.to_bytes(4, "little") for i in (7, 8)]
+    strs_ab, strs_a, strs_bc, strs_none = (
+        _array(V.STRING, [_s(x) for x in t]) for t in (["ab"], ["a"], ["bc"], [])
+    )
+    kvs = [
+        ("x.u8", V.UINT8, b"\xff"),
+        ("GGUF.extra", V.UINT8, b"\x01"),  # a key in gguf-py's own namespace: not metadata
+        ("x.i8", V.INT8, b"\xff"),
+        ("x.u16", V.UINT16, b"\x01\x02"),
+        ("x.i16", V.INT16, b"\xfe\xff"),
+        ("x.i32", V.INT32, b"\xff\xff\xff\xff"),
+        ("x.f32", V.FLOAT32, np.float32(0.1).tobytes()),
+        ("x.nan", V.FLOAT32, b"\x01\x00\xc0\xff"),  # a NaN with a payload and the sign set
+        ("x.bool2", V.BOOL, b"\x02"),  # not 0/1: numpy's view still says True
+        ("x.u64", V.UINT64, (2**64 - 1).to_bytes(8, "little")),
+        ("x.i64", V.INT64, (2**64 - 3).to_bytes(8, "little")),
+        ("x.f64", V.FLOAT64, np.float64(-0.0).tobytes()),
+        ("x.empty_str", V.STRING, _s("")),
+        ("x.utf8", V.STRING, _s("café 🦀")),
+        ("x.no_items", V.ARRAY, _array(V.STRING, [])),
+        ("x.no_ints", V.ARRAY, _array(V.INT32, [])),
+        ("x.strings", V.ARRAY, _array(V.STRING, [_s(""), _s("a"), _s("\\xff"), _s("é")])),
+        ("x.bools", V.ARRAY, _array(V.BOOL, [b"\x00", b"\x01", b"\x05"])),
+        ("x.f32s", V.ARRAY, _array(V.FLOAT32, [np.float32(x).tobytes() for x in (0.5, -2)])),
+        ("x.nested", V.ARRAY, _array(V.ARRAY, [_array(V.UINT32, u32), _array(V.UINT32, [])])),
+        ("x.first_empty", V.ARRAY, _array(V.ARRAY, [strs_none, strs_ab])),
+        ("x.str_then_int", V.ARRAY, _array(V.ARRAY, [strs_a, _array(V.UINT32, u32)])),
+        ("x.int_then_str", V.ARRAY, _array(V.ARRAY, [_array(V.UINT32, u32), strs_bc])),
+        ("x.no_arrays", V.ARRAY, _array(V.ARRAY, [])),
+        ("x.deep", V.ARRAY, _array(V.ARRAY, [_array(V.ARRAY, [_array(V.INT8, [b"\x01"])])])),
+    ]  # fmt: skip
+    path = _raw_gguf(tmp_path / "values.gguf", kvs)
+    fast = _read_fast(path)
+    assert fast is not None
+    assert repr(fast[1]) == repr(_gguf_py_metadata(path))
+    assert fast[2] == {}
+
+
+@pytest.mark.parametrize(
+    "kvs",
+    [
+        # an array of strings cut in the middle of its last string
+        [("x.tokens", 9, _array(8, [_s("ab"), _s("cd")])[:-1])],
+        # ... and in the middle of a length
+        [("x.tokens", 9, _array(8, [_s("ab"), _s("cd")])[:-5])],
+        # a string length far past the end, and one over the 16 MiB limit (with bytes to spare)
+        [("x.tokens", 9, _array(8, [_s("ab"), (1 << 62).to_bytes(8, "little")]))],
+        [("x.s", 8, ((1 << 24) + 1).to_bytes(8, "little") + bytes(40))],
+        # more elements declared than bytes follow, and more than the per-array limit
+        [("x.tokens", 9, (8).to_bytes(4, "little") + (1 << 40).to_bytes(8, "little"))],
+        [("x.ints", 9, (0).to_bytes(4, "little") + ((1 << 20) + 1).to_bytes(8, "little"))],
+        # invalid UTF-8 in an element, a repeated key, an unknown element type, too deep
+        [("x.tokens", 9, _array(8, [_s(b"\xc3")]))],
+        [("x.a", 4, bytes(4)), ("x.a", 4, bytes(4))],
+        [("GGUF.kv_count", 4, bytes(4))],  # gguf-py's own field: a repeat too
+        [("x.a", 9, (13).to_bytes(4, "little") + bytes(8))],
+        [("x.d", 9, _array(9, [_array(9, [_array(9, [_array(0, [b"\x01"])])])]))],
+        # general.alignment of the wrong type, or not a power of two
+        [("general.alignment", 10, (64).to_bytes(8, "little"))],
+        [("general.alignment", 4, (48).to_bytes(4, "little"))],
+        # (built when run: 16 MiB) a vocabulary entry over the limit that the file holds
+        lambda: [("x.tokens", 9, _array(8, [_s(bytes((1 << 24) + 1))]))],
+    ],
+    ids=[
+        "cut-string", "cut-length", "length-past-end", "string-too-long", "count-past-end",
+        "count-over-limit", "bad-utf8", "repeated-key", "gguf-py-key", "unknown-type", "too-deep",
+        "alignment-type", "alignment-value", "vocab-string-too-long",
+    ],
+)  # fmt: skip
+def test_fast_path_leaves_bad_headers_to_the_checked_reader(tmp_path, monkeypatch, kvs):
+    """The fast path declines every malformed header; GGUFFile then raises the checked reader's
+    own message (the same as with the fast path switched off)."""
+    from rwkv_jax.gguf import GGUFFile, _read_fast
+
+    path = _raw_gguf(tmp_path / "bad.gguf", kvs() if callable(kvs) else kvs)
+    assert _read_fast(path) is None
+    messages = []
+    for fast in (True, False):
+        monkeypatch.setattr("rwkv_jax.gguf._FAST", fast)
+        with pytest.raises(GGUFError) as info:
+            GGUFFile(path)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1] and path in messages[0]
+    # a header fault, not the later "not an rwkv7 model" check
+    assert "general.architecture" not in messages[0], messages[0]
+
+
+def test_fast_path_counts_elements_of_all_arrays(tmp_path, monkeypatch):
+    """The limit on array elements of the whole file, counted as the checked reader counts them
+    (nested ones included); lowered here so the files stay small."""
+    import rwkv_jax.gguf as g
+
+    monkeypatch.setattr(g, "MAX_ARRAY_TOTAL", 10)
+    nested = _array(9, [_array(0, [b"\x01"] * 3), _array(0, [b"\x02"] * 2)])  # 2 + 3 + 2 = 7
+    ok = _raw_gguf(tmp_path / "ok.gguf", [("x.n", 9, nested), ("x.b", 9, _array(0, [b"\x03"] * 3))])
+    assert g._read_fast(ok)[1] == {"x.n": [1, 1, 1, 2, 2], "x.b": [3, 3, 3]}
+    over = _raw_gguf(
+        tmp_path / "over.gguf", [("x.n", 9, nested), ("x.b", 9, _array(0, [b"\x03"] * 4))]
+    )
+    assert g._read_fast(over) is None
+    with pytest.raises(GGUFError, match="at most 1048576 per array and 10 in all"):
+        g.GGUFFile(over)
+
+
+def test_fast_string_loop_refuses_what_it_cannot_prove():
+    """The vocabulary loop on its own: a cut last string or length, an entry over the limit."""
+    from rwkv_jax.gguf import MAX_STRING_BYTES, _FastHeader, _Unsure
+
+    two = _s("é") + _s("cd")
+    assert _FastHeader(two)._strings(0, 2) == (["é", "cd"], len(two))
+    for buf in (two[:-1], two[:-4], _s(bytes(MAX_STRING_BYTES + 1))):
+        with pytest.raises((_Unsure, struct.error)):
+            _FastHeader(buf)._strings(0, 2 if len(buf) < 100 else 1)
+
+
+def test_fast_path_takes_a_valid_model_and_refuses_a_cut_vocabulary(tmp_path):
+    """The small model loads through the fast path; cut inside its vocabulary it is refused
+    with the checked reader's message naming the string or array."""
+    from rwkv_jax.gguf import GGUFFile, _Mapped
+
+    path = write_small_model(tmp_path / "m.gguf")
+    assert isinstance(GGUFFile(path)._reader, _Mapped)
+    table = {label: (off, size) for off, size, label in slots(path)[0]}
+    cut_at = table["kv:tokenizer.ggml.tokens:29[0]"][0] + 3  # inside the 13th string's length
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:cut_at])
+    with pytest.raises(GGUFError, match=r"'tokenizer.ggml.tokens'.*(truncated|past the end)"):
+        GGUFFile(cut)
 
 
 if __name__ == "__main__":
