@@ -1,0 +1,162 @@
+"""Where a benchmark call's device time goes: kernel counts and times from a JAX profiler trace.
+
+    python -m experiments.gpu_trace --preset 2.9b --cases tg:1:128 tg:64:32 pp:4096 [--unrolled]
+
+Each case is timed the way experiments.bench times it (engine_jax.JaxEngine: `tg:B:N` = N greedy
+decode steps of B streams in the on-device generation loop, `pp:T` = one prefill of T tokens),
+then run once more under `jax.profiler.trace`. The trace's device plane gives every kernel that
+ran: their number per token, their summed time, the time the device was busy (union of kernel
+intervals) against the wall time, and the kernels that took the most time. Wall time far above
+busy time means launch gaps and host round trips; busy time far above the memory floor means slow
+or too many kernels. XLA_FLAGS from the environment apply (run once per flag set to compare).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import glob
+import json
+import os
+import re
+import tempfile
+import time
+
+import jax
+import numpy as np
+from jax.profiler import ProfileData
+
+from experiments.engine_jax import JaxEngine
+from rwkv_jax import synth
+
+
+def kernel_events(xplane: str) -> list[tuple[str, int, int]]:
+    """(name, start_ns, duration_ns) of every event on the device planes' stream lines."""
+    out = []
+    for plane in ProfileData.from_file(xplane).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if "Stream" not in line.name:  # skip the derived "XLA Ops"/"XLA Modules" lines
+                continue
+            out += [(e.name, int(e.start_ns), int(e.duration_ns)) for e in line.events]
+    return out
+
+
+def busy_ns(events: list[tuple[str, int, int]]) -> int:
+    """Length of the union of the events' [start, start + duration) intervals."""
+    total, end = 0, -1
+    for _, s, d in sorted(events, key=lambda e: e[1]):
+        if s >= end:
+            total, end = total + d, s + d
+        elif s + d > end:
+            total, end = total + s + d - end, s + d
+    return total
+
+
+def family(name: str) -> str:
+    """A kernel's name without XLA's numeric suffixes (fusion.123 -> fusion)."""
+    return re.sub(r"[._]\d+$", "", re.sub(r"[._]\d+(?=[._])", "", name))
+
+
+def profile(run, tokens: int, top: int) -> dict:
+    """Trace one call of run(); summarise its kernels."""
+    d = tempfile.mkdtemp(prefix="rwkv_trace_")
+    with jax.profiler.trace(d):
+        wall = run()
+    files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+    ev = kernel_events(files[0]) if files else []
+    if not ev and files:  # say what the trace holds instead (no CUPTI, another plane name)
+        for plane in ProfileData.from_file(files[0]).planes:
+            lines = [(ln.name, len(list(ln.events))) for ln in plane.lines]
+            print("  plane", plane.name, lines[:8])
+    by = collections.defaultdict(lambda: [0, 0])
+    for name, _, dur in ev:
+        by[family(name)][0] += 1
+        by[family(name)][1] += dur
+    ranked = sorted(by.items(), key=lambda kv: -kv[1][1])[:top]
+    kern = sum(e[2] for e in ev)
+    return {
+        "traced_wall_ms": 1e3 * wall,
+        "kernels": len(ev),
+        "kernels_per_token": len(ev) / tokens,
+        "kernel_ms": kern / 1e6,
+        "busy_ms": busy_ns(ev) / 1e6,
+        "mean_kernel_us": kern / max(len(ev), 1) / 1e3,
+        "top": [(k, n, v / 1e6) for k, (n, v) in ranked],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="2.9b")
+    p.add_argument("--type", default="Q4_K_M")
+    p.add_argument("--cases", nargs="+", default=["tg:1:128", "tg:64:32", "pp:4096"])
+    p.add_argument("--unrolled", action="store_true", help="load with unrolled layers")
+    p.add_argument("--chunks-per-call", type=int, default=64)
+    p.add_argument("--chunks-per-step", type=int, default=None, help="default: the backend's")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--loads", type=int, default=1, help="load the model this many times first")
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--label", default="")
+    p.add_argument("--out", default=None, help="append JSON lines here")
+    a = p.parse_args()
+    opts = {
+        "dtype": "bfloat16",
+        "chunk_size": 64,
+        "chunks_per_call": a.chunks_per_call,
+        "chunks_per_step": a.chunks_per_step,
+    }
+    if a.unrolled:
+        opts["stack_layers"] = False
+    eng = JaxEngine(str(synth.ensure(a.preset, a.type, 0)), opts)
+    for _ in range(a.loads):  # as the seed protocol does (load runs)
+        eng.load_once()
+    rng = np.random.default_rng(0)
+    label = a.label or ("unrolled" if a.unrolled else "stacked")
+    print(
+        jax.devices()[0].device_kind,
+        "jax",
+        jax.__version__,
+        label,
+        "XLA_FLAGS=" + os.environ.get("XLA_FLAGS", ""),
+    )
+    for case in a.cases:
+        kind, *nums = case.split(":")
+        if kind == "tg":
+            B, n = map(int, nums)
+            first = rng.integers(1, eng.vocab_size, B).tolist()
+            run, tokens = functools.partial(eng.tg, first, n), B * n
+        else:
+            T = int(nums[0])
+            toks = rng.integers(1, eng.vocab_size, T).tolist()
+            run, tokens = functools.partial(eng.pp, toks), T
+        t0 = time.perf_counter()
+        run()  # compile + warm-up
+        first_s = time.perf_counter() - t0
+        secs = sorted(run() for _ in range(a.reps))
+        rec = {
+            "case": case,
+            "label": label,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "first_call_s": first_s,
+            "median_s": secs[len(secs) // 2],
+            "tok_s": tokens / secs[len(secs) // 2],
+        }
+        rec.update(profile(run, tokens, a.top))
+        print(
+            f"\n== {case} [{label}] {rec['tok_s']:.1f} tok/s, median {1e3 * rec['median_s']:.2f}"
+            f" ms (first call {first_s:.1f} s); traced {rec['traced_wall_ms']:.2f} ms, busy "
+            f"{rec['busy_ms']:.2f} ms, {rec['kernels']} kernels ({rec['kernels_per_token']:.1f}"
+            f"/token, mean {rec['mean_kernel_us']:.2f} us)"
+        )
+        for name, cnt, ms in rec["top"]:
+            print(f"   {ms:9.3f} ms {cnt:7d}x  {name[:90]}")
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
