@@ -3,10 +3,11 @@
 prefill: one compiled program per (batch, chunk layout) runs a `lax.scan` over steps of
 `chunks_per_step` WKV chunks of `chunk_size` tokens (steps that are entirely padding are skipped
 with `lax.cond`), `chunks_per_call` chunks per call; longer prompts take several calls with the
-state carried (on the CPU a tail shorter than one step runs through a second program of
-one-chunk steps instead of a padded step: `Model.chunked_tail`). The layout defaults by
-backend (`default_layout`): 128-token steps on the CPU (blocked native matmuls), 512-token steps
-on GPUs (large matrix products, few kernel launches per token).
+state carried. A tail shorter than one step runs through a second program of shorter steps
+(`Model.tail_chunks`) instead of a padded step, and a step holds at most MAX_STEP_TOKENS rows x
+tokens (larger batches halve it). The layout defaults by backend (`default_layout`): 128-token
+steps on the CPU (blocked native matmuls), 4096-token steps with 512-token tail steps on GPUs
+(large matrix products, the packed weights dequantized once per layer per step).
 decode: one token per sequence, state donated (updated in place on CPU/CUDA).
 The profile (`backends.current_profile`) picks the variants: metal-safe decodes without
 donation (`decode_fn`) and prefills with a host loop over one-chunk calls whose programs hold no
@@ -129,10 +130,24 @@ def prefill_call(
 
 
 def _decode(
-    params: Params, tokens: Array, state: State, *, cfg: ModelConfig, dtype
+    params: Params,
+    tokens: Array,
+    state: State,
+    active: Array | None = None,
+    *,
+    cfg: ModelConfig,
+    dtype,
 ) -> tuple[Array, State]:
-    """One token per sequence: tokens [B] -> logits [B, V] and the new state."""
-    return model.forward(params, cfg, tokens[:, None], state, wkv_fn=_step_wkv, dtype=dtype)
+    """One token per sequence: tokens [B] -> logits [B, V] and the new state.
+
+    Rows whose `active` [B] is False take no step: their state comes back unchanged (bit for bit
+    up to the sign of zero: the token is fed as padding, model.forward's `lengths` 0) and their
+    logits are not meaningful. This freezes finished streams without a second pass over the state.
+    """
+    lengths = None if active is None else active.astype(jnp.int32)
+    return model.forward(
+        params, cfg, tokens[:, None], state, lengths=lengths, wkv_fn=_step_wkv, dtype=dtype
+    )
 
 
 # the decode jit site in two variants: state donated (CPU/CUDA) or kept (Metal plugins)
@@ -158,9 +173,10 @@ class Model:
     chunks_per_call: int = 16
     wkv_impl: str = "chunked"
     chunks_per_step: int = 1
-    # a prompt tail shorter than one step: in one-chunk steps (True: compute scales with tokens,
-    # the CPU) or as one whole padded step (False: GPUs, where small steps are launch-bound)
-    chunked_tail: bool = False
+    # a prompt tail shorter than one step runs in steps of this many chunks (a second program;
+    # 0 = as one whole padded step): one chunk on the CPU, where compute scales with tokens;
+    # 512 tokens on GPUs, where small steps are launch-bound
+    tail_chunks: int = 0
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -214,18 +230,21 @@ class Model:
             )
         # metal-safe: one loop-free call per chunk, the token recurrence unrolled inside it
         host = backends.current_profile().prefill_loop == "host"
-        step_len = self.chunk_size * (1 if host else self.chunks_per_step)
+        steps, tail = (1, 0) if host else (self.chunks_per_step, self.tail_chunks)
+        while B * steps * self.chunk_size > MAX_STEP_TOKENS and steps % 2 == 0 and steps > tail:
+            steps //= 2  # bound the activations of one step: rows x tokens
+        step_len, tail_len = self.chunk_size * steps, self.chunk_size * min(tail, steps)
         span = step_len if host else self.chunk_size * self.chunks_per_call
         impl = "unrolled" if host else self.wkv_impl
         outs, last = [], None
         s, end = 0, int(lens.max())
         while s < end:
             step, n = step_len, min(span, end - s)
-            if self.chunked_tail and not host:
+            if tail_len:
                 # whole long steps while they fill; the tail shorter than one step goes through
-                # one-chunk steps (a second program): at most chunk_size - 1 padding tokens
+                # shorter steps (a second program): at most tail_len - 1 padding tokens
                 whole = (end - s) // step_len * step_len
-                step, n = (step_len, min(span, whole)) if whole else (self.chunk_size, end - s)
+                step, n = (step_len, min(span, whole)) if whole else (tail_len, end - s)
             padded = np.zeros((B, span), np.int32)
             padded[:, :n] = toks[:, s : s + n]
             piece_lens = np.clip(lens - s, 0, n).astype(np.int32)
@@ -291,18 +310,24 @@ class Model:
         return "".join(pieces)
 
 
-def default_layout(backend: str | None = None) -> tuple[int, int]:
-    """(tokens per scan step, tokens per call) of prefill for a backend.
+# rows x tokens of one prefill step at most: a larger batch runs shorter steps (Model.forward),
+# bounding the activations (the 2.9b FFN's float32 [tokens, 10240] is 168 MB per 4096)
+MAX_STEP_TOKENS = 4096
+
+
+def default_layout(backend: str | None = None) -> tuple[int, int, int]:
+    """(tokens per scan step, tokens per call, tokens per tail step; 0 = one chunk) of prefill.
 
     CPU: 128-token steps and 256 tokens per call: the native kernels' blocked matrix product
     runs near the FMA peak from ~64 rows and the LM head runs once per step (pp512 on 2 cores,
     0.1b Q4_K_M: 16-token steps 514-532 tok/s, 64: ~600, 128: 655-677); a tail shorter than
-    one step runs in one-chunk steps (Model.chunked_tail: a second program, padding < a chunk). GPU:
-    512-token steps and 4096-token calls, so every layer runs large matrix products and a few
-    hundred kernels per 512 tokens instead of per 16 (measured on an H200: BENCHMARKS.md).
+    one step runs in one-chunk steps (Model.tail_chunks: a second program, padding < a chunk).
+    GPU: 4096-token steps and calls, 512-token tail steps: each packed matrix is dequantized once
+    per layer per step, and every layer runs large matrix products (H200, 2.9b Q4_K_M, pp4096:
+    512-token steps 14672 tok/s, 1024: 18167, 4096: 23665; experiments/gpu_trace).
     """
     backend = backend or jax.default_backend()
-    return (128, 256) if backend == "cpu" else (512, 4096)
+    return (128, 256, 0) if backend == "cpu" else (4096, 4096, 512)
 
 
 def load(path: str | os.PathLike[str], **options) -> Model:
@@ -347,7 +372,7 @@ def from_gguf(
         raise InputError(f"dtype '{dtype}' is not one of {['auto', *DTYPES]}")
     if chunk_size not in (16, 32, 64):
         raise InputError(f"chunk_size {chunk_size} must be 16, 32 or 64")
-    step_tokens, call_tokens = default_layout()
+    step_tokens, call_tokens, tail_tokens = default_layout()
     step = chunks_per_step or max(1, step_tokens // chunk_size)
     if chunks_per_step is None and chunks_per_call:  # a default step must divide the call
         step = int(np.gcd(step, chunks_per_call))
@@ -367,7 +392,7 @@ def from_gguf(
         )
         params = load_params(f, mode=mode, dtype=DTYPES[dtype], stack_layers=stack_layers)
         tokenizer = tok.result()
-    tail = jax.default_backend() == "cpu"  # see Model.chunked_tail
+    tail = min(step, max(1, tail_tokens // chunk_size))  # see Model.tail_chunks
     return Model(
         params, f.config, tokenizer, f.path, DTYPES[dtype], chunk_size, call, wkv_impl, step, tail
     )

@@ -136,6 +136,28 @@ def test_padding_never_reaches_the_state(synth_model):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
 
 
+@pytest.mark.parametrize("stacked", [True, False])
+def test_inactive_decode_rows_keep_their_state(synth_model, stacked):
+    """decode_step with `active`: an inactive row's state comes back exactly (== on every value)
+    as it went in, whatever token it is given; active rows get the ordinary step, bit for bit."""
+    from rwkv_jax.generate import decode_step_kept
+
+    model = _load(synth_model("tiny", "Q4_K_M"), stack_layers=stacked)
+    cfg = model.config
+    _, st = model.forward([_ids(model, 9), _ids(model, 18)[9:], _ids(model, 27)[18:]])
+    toks = jnp.asarray([5, 77, 3000], jnp.int32)
+    active = jnp.asarray([True, False, True])
+    lg_m, st_m = decode_step_kept(model.params, toks, st, active, cfg=cfg, dtype=model.dtype)
+    lg_a, st_a = decode_step_kept(model.params, toks, st, cfg=cfg, dtype=model.dtype)
+    leaves = (jax.tree.leaves(t) for t in (st_m, st_a, st))
+    for new, full, old in zip(*leaves, strict=True):
+        new, full, old = np.asarray(new), np.asarray(full), np.asarray(old)
+        assert np.array_equal(new[:, 1], old[:, 1])  # frozen row: untouched
+        assert not np.array_equal(full[:, 1], old[:, 1])  # (a step would have changed it)
+        assert np.array_equal(new[:, [0, 2]], full[:, [0, 2]])
+    assert np.array_equal(np.asarray(lg_m)[[0, 2]], np.asarray(lg_a)[[0, 2]])
+
+
 @pytest.mark.parametrize("preset", ["tiny", "0.1b"])
 def test_synthetic_model_is_numerically_sane(synth_model, preset):
     """Logit spread like a trained model (std of a few units) and greedy output that wanders."""

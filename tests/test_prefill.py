@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import rwkv_jax
-from rwkv_jax import backends
+from rwkv_jax import backends, generate
 from rwkv_jax.generate import decode_step, prefill_call
 
 # Chunked and sequential WKV differ only in float32 summation order (triangular solve and
@@ -85,16 +85,42 @@ def test_split_invariance(synth_model, split):
 
 
 @pytest.mark.parametrize("T", [7, 300])
-def test_chunked_tail_equals_padded_step(synth_model, T):
-    """A tail in one-chunk steps (CPU default) = the same tokens in one padded long step."""
+@pytest.mark.parametrize("tail", [1, 2])
+def test_tail_steps_equal_padded_step(synth_model, T, tail):
+    """A tail in shorter steps (one chunk: the CPU default; several: GPUs) = the same tokens in
+    one padded long step."""
     model = rwkv_jax.load(synth_model("tiny", "Q4_K_M"), chunks_per_step=8, chunks_per_call=16)
-    assert model.chunked_tail  # the CPU default
+    assert model.tail_chunks == 1  # the CPU default
     toks = np.stack([_tokens(T), _tokens(T, 5)])
     lens = [T, max(1, T - 5)]
-    got, s_got = model.forward(toks, lengths=lens, all_logits=True)
-    want, s_want = dataclasses.replace(model, chunked_tail=False).forward(
+    got, s_got = dataclasses.replace(model, tail_chunks=tail).forward(
         toks, lengths=lens, all_logits=True
     )
+    want, s_want = dataclasses.replace(model, tail_chunks=0).forward(
+        toks, lengths=lens, all_logits=True
+    )
+    assert float(jnp.abs(got - want).max()) <= TOL
+    for x, y in zip(jax.tree.leaves(s_got), jax.tree.leaves(s_want), strict=True):
+        assert float(jnp.abs(x - y).max()) <= TOL
+
+
+def test_large_batches_take_shorter_steps(synth_model, monkeypatch):
+    """Rows x tokens per step above MAX_STEP_TOKENS halve the step; the result is the same."""
+    model = rwkv_jax.load(synth_model("tiny", "Q4_K_M"), chunks_per_step=8, chunks_per_call=16)
+    toks = np.stack([_tokens(200), _tokens(200, 5), _tokens(200, 9)])
+    want, s_want = model.forward(toks, all_logits=True)
+    seen = []
+    real = generate.prefill_call
+
+    def spy(*args, **kw):
+        seen.append(kw["step_len"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(generate, "MAX_STEP_TOKENS", 3 * 32)
+    monkeypatch.setattr(generate, "prefill_call", spy)
+    got, s_got = model.forward(toks, all_logits=True)
+    host = backends.current_profile().prefill_loop == "host"
+    assert set(seen) == ({16} if host else {32, 16})  # 2-chunk steps, one-chunk tail
     assert float(jnp.abs(got - want).max()) <= TOL
     for x, y in zip(jax.tree.leaves(s_got), jax.tree.leaves(s_want), strict=True):
         assert float(jnp.abs(x - y).max()) <= TOL
