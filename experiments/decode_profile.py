@@ -50,8 +50,16 @@ def main() -> None:
     path = synth.ensure(a.preset, a.type, 0)
     m = rwkv_jax.load(path, dtype=a.dtype, stack_layers=True)  # the scans below need a stack
     cfg, params, dt = m.config, m.params, m.dtype
-    print(jax.devices()[0].device_kind, cfg.n_layer, "layers", dt, "unroll", a.unroll,
-          "matvec rows", quant.MATVEC_MAX_ROWS)
+    print(
+        jax.devices()[0].device_kind,
+        cfg.n_layer,
+        "layers",
+        dt,
+        "unroll",
+        a.unroll,
+        "matvec rows",
+        quant.MATVEC_MAX_ROWS,
+    )
     rows = {}
 
     for B in (1, 8):

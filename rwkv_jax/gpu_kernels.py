@@ -17,6 +17,11 @@ Only the summation order differs from dequantize-then-dot.
 Grid: (row tiles of weight rows, SPLIT parts of the super-blocks); each program loops over its
 super-blocks and writes a partial [rows, M] sum that XLA adds up.
 
+Stacked layers: given the layer index, a kernel reads layer i of the [L, ...] fields in place
+(quant.LayerOf). A custom call takes whole buffers, so the alternative — slicing the layer out
+first — makes XLA copy every packed field before every call: at B = 4 a third of the decode
+step went to those copies (H200, experiments/gpu_trace).
+
 Measured on an H200, whole decode steps of the 2.9b Q4_K_M model, XLA paths -> these kernels
 (`python -m experiments.gpu_matvec --variants none --model 2.9b --decode-variants xla
 pallas:32:4:10`): B=4 20.32 -> 9.62 ms, B=8 13.88 -> 9.36 ms, B=64 17.91 -> 14.63 ms per step.
@@ -110,8 +115,12 @@ def matmul(
     block_rows: int | None = None,
     num_warps: int | None = None,
     split: int | None = None,
+    layer: Array | None = None,
 ) -> Array:
     """x @ W^T for x [..., in] (rows as `supports` says) -> float32 [..., out].
+
+    layer: `weight` is a stack [L, ...] of equal weights and this int32 scalar picks the one to
+    multiply by (read in place, no copy of the layer's fields).
 
     Up to MAX_ROWS rows: float32 accumulators per row. More: each super-block's values rounded
     to x's dtype (as the XLA path's dequantize-then-dot does) and multiplied on tensor cores with
@@ -125,11 +134,13 @@ def matmul(
     m = max(16, _pow2_at_least(rows)) if mma else _pow2_at_least(rows)
     nb = n_in // QK_K
     fmt = _FORMATS[type(weight).__name__]
+    stacked = layer is not None
     xr = x.reshape(rows, n_in)
     if m != rows:
         xr = jnp.pad(xr, ((0, m - rows), (0, 0)))
     # free reshapes to the kernel's power-of-two views: fields [out, nb, ...]
-    arrays = [getattr(weight, f).reshape(out, nb, *v) for f, v in fmt.fields]
+    lead_w = (-1,) if stacked else ()
+    arrays = [getattr(weight, f).reshape(*lead_w, out, nb, *v) for f, v in fmt.fields]
     # x plane-major: [M, nb, 2 planes, *plane view] (rows) or [nb, 2, 128, M] (tensor cores)
     xv = jnp.moveaxis(xr.reshape(m, nb, *fmt.x_view), 2 + fmt.plane_axis, 2)
     if mma:
@@ -140,7 +151,9 @@ def matmul(
     parts = _parts(nb, split or SPLIT)
     shapes, dtypes = tuple(a.shape for a in arrays), tuple(a.dtype for a in arrays)
     warps = num_warps or NUM_WARPS
-    call = _call(fmt, shapes, dtypes, m, out, nb, tile, parts, warps, mma, interpret)
+    call = _call(fmt, shapes, dtypes, m, out, nb, tile, parts, warps, mma, stacked, interpret)
+    if stacked:
+        arrays.insert(0, jnp.asarray(layer, jnp.int32).reshape(1))
     partial = call(*arrays)  # [parts, out, M]
     y = (partial[0] if parts == 1 else jnp.sum(partial, axis=0)).T[:rows]  # [rows, out]
     return y.reshape(*lead, out)
@@ -152,49 +165,69 @@ def _parts(nb: int, split: int) -> int:
 
 
 @functools.cache
-def _call(fmt, shapes, dtypes, m, out, nb, tile, parts, num_warps, mma, interpret):
-    """The pallas_call for one (format, weight shape, M): grid (row tiles, super-block parts)."""
+def _call(fmt, shapes, dtypes, m, out, nb, tile, parts, num_warps, mma, stacked, interpret):
+    """The pallas_call for one (format, weight shape, M): grid (row tiles, super-block parts).
+
+    stacked: the fields are [L, out, nb, *view], passed whole after an int32 [1] layer index;
+    the kernel offsets its loads by (layer, row tile, part) itself."""
     per = nb // parts  # super-blocks per program
     n_fields = len(fmt.fields)
 
     def field_spec(shape):
+        if stacked:  # the whole stack; loads index it (see `get` in the kernel)
+            return pl.BlockSpec(shape, lambda i, k: (0,) * len(shape))
         # [out, nb, *view] -> block [tile, per, *view]
         zeros = (0,) * (len(shape) - 2)
         return pl.BlockSpec((tile, per, *shape[2:]), lambda i, k: (i, k, *zeros))
 
     in_specs = [field_spec(s) for s in shapes[:n_fields]]
+    if stacked:
+        in_specs.insert(0, pl.BlockSpec((1,), lambda i, k: (0,)))
     if mma:  # x [nb, 2, 128, M]
         in_specs.append(pl.BlockSpec((per, 2, QK_K // 2, m), lambda i, k: (k, 0, 0, 0)))
     else:  # x [M, nb, 2, *plane view]
         zeros = (0,) * (len(shapes[-1]) - 2)
         in_specs.append(pl.BlockSpec((m, per, *shapes[-1][2:]), lambda i, k: (0, k, *zeros)))
 
-    def vec_step(s, ins, accs):
+    def vec_step(get, s, ins, accs):
         # one float32 accumulator per activation row, elementwise over the plane view: the
         # cross-lane reduction happens once, at the end
         *fields, x_ref = ins
-        for k, w in enumerate(fmt.planes(*fields, s)):
+        for k, w in enumerate(fmt.planes(get, *fields, s)):
             accs = tuple(acc + w * x_ref[r, s, k][None] for r, acc in enumerate(accs))
         return accs
 
-    def mma_step(s, ins, acc):
+    def mma_step(get, s, ins, acc):
         *fields, x_ref = ins
-        for k, w in enumerate(fmt.planes(*fields, s)):
+        for k, w in enumerate(fmt.planes(get, *fields, s)):
             w = w.reshape(tile, QK_K // 2).astype(dtypes[-1])  # rounded as the XLA path does
             acc = acc + jnp.dot(w, x_ref[s, k], preferred_element_type=jnp.float32)
         return acc
 
     def kernel(*refs):
         *ins, o_ref = refs
+        if stacked:  # field refs are whole stacks: this program's tile of layer `idx`
+            idx_ref, *ins = ins
+            layer = idx_ref[0]
+            rows = pl.ds(pl.multiple_of(pl.program_id(0) * tile, tile), tile)
+            k0 = pl.program_id(1) * per
+
+            def get(ref, s, *rest):
+                return ref[(layer, rows, k0 + s, *rest)]
+        else:
+
+            def get(ref, s, *rest):
+                return ref[(slice(None), s, *rest)]
+
         if mma:
             init, step = jnp.zeros((tile, m), jnp.float32), mma_step
         else:
             init = tuple(jnp.zeros((tile, *fmt.plane_view), jnp.float32) for _ in range(m))
             step = vec_step
         acc = (
-            step(0, ins, init)
+            step(get, 0, ins, init)
             if per == 1
-            else lax.fori_loop(0, per, lambda s, acc: step(s, ins, acc), init)
+            else lax.fori_loop(0, per, lambda s, acc: step(get, s, ins, acc), init)
         )
         if mma:
             o_ref[...] = acc
@@ -228,22 +261,23 @@ def _iota(shape: tuple[int, ...], axis: int) -> Array:
     return lax.broadcasted_iota(jnp.int32, (1, *shape), axis + 1)
 
 
-def _q4_k(d_ref, dmin_ref, sc_ref, qs_ref, s) -> list[Array]:
+def _q4_k(get, d_ref, dmin_ref, sc_ref, qs_ref, s) -> list[Array]:
     """Q4_K super-block s as 2 nibble planes of float32 values [tile, 2, 2, 32].
 
     Value 32*j + l with sub-block j = 2*(2h + p) + nib sits in plane nib at [h, p, l]: the
     nibble of qs byte 64h + 32p + l; scale byte 4k + 2p' + par is sc[k, p', par].
+    `get(ref, s, *rest)` loads this program's rows of super-block s (then `rest`) from a field.
     """
-    d = d_ref[:, s].astype(jnp.float32)[:, None, None]  # [tile, 1, 1]
-    dmin = dmin_ref[:, s].astype(jnp.float32)[:, None, None]
-    qs = qs_ref[:, s].astype(jnp.int32)  # [tile, 2, 2, 32]
+    d = get(d_ref, s).astype(jnp.float32)[:, None, None]  # [tile, 1, 1]
+    dmin = get(dmin_ref, s).astype(jnp.float32)[:, None, None]
+    qs = get(qs_ref, s).astype(jnp.int32)  # [tile, 2, 2, 32]
     hi = _iota((2, 1), 0) == 1  # sub-blocks 4..7 take their high scale bits from bytes 0-7
     planes = []
     for nib in range(2):
         # ggml get_scale_min_k4 for j = 4h + 2p + nib: bytes a = j mod 4, b = a + 4, c = a + 8
-        a = sc_ref[:, s, 0, :, nib].astype(jnp.int32)[:, None, :]  # [tile, 1, 2] over p
-        b = sc_ref[:, s, 1, :, nib].astype(jnp.int32)[:, None, :]
-        c = sc_ref[:, s, 2, :, nib].astype(jnp.int32)[:, None, :]
+        a = get(sc_ref, s, 0, slice(None), nib).astype(jnp.int32)[:, None, :]  # [tile, 1, 2]
+        b = get(sc_ref, s, 1, slice(None), nib).astype(jnp.int32)[:, None, :]
+        c = get(sc_ref, s, 2, slice(None), nib).astype(jnp.int32)[:, None, :]
         sc = jnp.where(hi, (c & 0xF) | ((a >> 6) << 4), a & 63)  # [tile, 2, 2]
         mn = jnp.where(hi, (c >> 4) | ((b >> 6) << 4), b & 63)
         scale = (d * sc.astype(jnp.float32))[..., None]  # [tile, 2, 2, 1]
@@ -252,20 +286,21 @@ def _q4_k(d_ref, dmin_ref, sc_ref, qs_ref, s) -> list[Array]:
     return planes
 
 
-def _q6_k(ql_ref, qh_ref, sc_ref, d_ref, s) -> list[Array]:
+def _q6_k(get, ql_ref, qh_ref, sc_ref, d_ref, s) -> list[Array]:
     """Q6_K super-block s as 2 planes of float32 values [tile, 2, 2, 2, 16].
 
     Value 128h + 32(2n + c) + 16u + t sits in plane n at [h, c, u, t]: ql byte 64h + 32c + 16u
     + t (nibble n), qh byte 32h + 16u + t (bits 2(2n + c)), scale 8h + 2(2n + c) + u.
     """
-    d = d_ref[:, s].astype(jnp.float32)[:, None, None, None]  # [tile, 1, 1, 1]
-    ql = ql_ref[:, s].astype(jnp.int32)  # [tile, 2h, 2c, 2u, 16]
-    qh = qh_ref[:, s].astype(jnp.int32)[:, :, None]  # [tile, 2h, 1, 2u, 16]
+    d = get(d_ref, s).astype(jnp.float32)[:, None, None, None]  # [tile, 1, 1, 1]
+    ql = get(ql_ref, s).astype(jnp.int32)  # [tile, 2h, 2c, 2u, 16]
+    qh = get(qh_ref, s).astype(jnp.int32)[:, :, None]  # [tile, 2h, 1, 2u, 16]
     c2 = 2 * _iota((2, 2, 1, 1), 1)  # 2c
     planes = []
     for n in range(2):
         q = ((ql >> (4 * n)) & 0xF) | (((qh >> (4 * n + c2)) & 3) << 4)
-        scale = (d * sc_ref[:, s, :, n].astype(jnp.float32))[..., None]  # [tile, 2h, 2c, 2u, 1]
+        sc = get(sc_ref, s, slice(None), n).astype(jnp.float32)  # [tile, 2h, 2c, 2u]
+        scale = (d * sc)[..., None]
         planes.append(scale * (q - 32).astype(jnp.float32))
     return planes
 

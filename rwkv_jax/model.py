@@ -70,13 +70,22 @@ def group_norm(y: Array, w: Array, b: Array, eps: float) -> Array:
     return yn * lead(w, yn.ndim) + lead(b, yn.ndim)
 
 
+def _last_valid(u: Array, lengths: Array) -> Array:
+    """u [B, T, C] at each row's last valid position (position 0 for an empty row) -> [B, C].
+
+    One token (decode) needs no gather: the index is 0 whatever `lengths` says."""
+    if u.shape[1] == 1:
+        return u[:, 0]
+    return jnp.take_along_axis(u, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+
+
 def token_shift(u: Array, prev: Array, lengths: Array) -> tuple[Array, Array]:
     """d = shifted(u) - u and the new shift state (u at each sequence's last valid token).
 
     u [B, T, C]; prev [B, C] (the previous call's last u); lengths [B] valid tokens per row.
     """
     shifted = jnp.concatenate([prev[:, None, :].astype(u.dtype), u[:, :-1]], axis=1)  # [B, T, C]
-    last = jnp.take_along_axis(u, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    last = _last_valid(u, lengths)
     new_prev = jnp.where((lengths > 0)[:, None], last.astype(prev.dtype), prev)
     return shifted - u, new_prev
 
@@ -183,6 +192,14 @@ def embed(params: Params, cfg: ModelConfig, tokens: Array) -> Array:
     return layer_norm(e, params.ln0_w, params.ln0_b, cfg.layer_norm_eps)
 
 
+def layer_of(blk: Block, blocks: Block, i: Array) -> Block:
+    """Layer i's block `blk` (the scan's slice of the stacked `blocks`) with every matrix as a
+    quant.LayerOf: the GPU kernels read it in place from the stack, other paths use the slice."""
+    is_weight = lambda a: isinstance(a, quant.Weight)  # noqa: E731
+    wrap = lambda a, stack: quant.LayerOf(a, stack, i) if is_weight(a) else a  # noqa: E731
+    return jax.tree.map(wrap, blk, blocks, is_leaf=is_weight)
+
+
 def layers(
     params: Params,
     cfg: ModelConfig,
@@ -199,6 +216,7 @@ def layers(
             blk, idx, a_sh, f_sh, S = xs
             with jax.named_scope("block"):
                 st = LayerState(a_sh, f_sh, S)
+                blk = layer_of(blk, params.blocks, idx)  # type: ignore[arg-type]
                 h, v_first, st = block(blk, cfg, h, st, v_first, idx == 0, span)
             return (h, v_first), tuple(st)
 
@@ -241,5 +259,5 @@ def forward(
     x = embed(params, cfg, tokens)
     x, state = layers(params, cfg, x, state, Span(valid, lengths, wkv_fn, dtype))
     if not all_logits:
-        x = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+        x = _last_valid(x, lengths)
     return head(params, cfg, x, dtype), state

@@ -210,14 +210,15 @@ class _Blocked(Weight):
         """Blocks joined along each row: [..., rows, in]."""
         return _flatten_last(self._blocks(), 2)
 
-    def matmul(self, x: Array) -> Array:
+    def matmul(self, x: Array, of: LayerOf | None = None) -> Array:
         """x @ W^T; for a few rows (decode) on GPUs as multiply + reduce over the contiguous axis.
 
         Written that way XLA fuses the unpacking into the reduction and reads each packed byte
         once instead of writing and re-reading a dequantized matrix for a dot (backends.md:
         2.9b Q4_K on an H100, 2.5 ms vs 7.0 ms per token). XLA:CPU does not vectorize the
         fused reduction (measured 4x slower than its dot here), so the CPU keeps the dot. On
-        NVIDIA GPUs batched decode (2..64 rows) of Q4_K/Q6_K takes the Pallas kernels.
+        NVIDIA GPUs batched decode (2..64 rows) of Q4_K/Q6_K takes the Pallas kernels. `of`:
+        this weight is layer `of.index` of the stack `of.stack`, which the kernels read in place.
         """
         if _cpu_native(self):  # native kernels beat XLA at every row count
             return super().matmul(x)
@@ -233,7 +234,12 @@ class _Blocked(Weight):
             branches["default"] = lambda x: self.matvec_fused(x)
         if gpu_kernels.supports(self, rows, x.dtype):
             # NVIDIA: Pallas kernels that unpack each packed byte once (rwkv_jax/gpu_kernels.py)
-            branches["cuda"] = lambda x: gpu_kernels.matmul(self, x).astype(x.dtype)
+            if of is None:
+                branches["cuda"] = lambda x: gpu_kernels.matmul(self, x).astype(x.dtype)
+            else:
+                branches["cuda"] = lambda x: gpu_kernels.matmul(of.stack, x, layer=of.index).astype(
+                    x.dtype
+                )
         elif not fused:
             return dot(x)
         return lax.platform_dependent(x, **branches)
@@ -245,6 +251,25 @@ class _Blocked(Weight):
         xs = x.reshape(rows, 1, -1).astype(jnp.float32)  # [M, 1, in]
         y = jnp.sum(w[None] * xs, axis=-1)  # [M, out]
         return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
+
+
+class LayerOf(eqx.Module):
+    """Layer `index` (a traced int32 scalar) of a stacked weight, in the scan over layers.
+
+    XLA reads the scan's slice of a layer in place where a fusion consumes it, but copies it out
+    of the stack before a custom call: the GPU kernels take the whole stack and the index
+    instead (gpu_kernels.matmul's `layer`); every other path uses the slice, unchanged. Has the
+    `matmul` of a Weight.
+    """
+
+    layer: Weight  # the scan's slice: fields [...]
+    stack: Weight  # fields [L, ...]
+    index: Array  # int32 []
+
+    def matmul(self, x: Array) -> Array:
+        """x @ W_index^T, as the unstacked layer's matmul computes it."""
+        w = self.layer
+        return w.matmul(x, of=self) if isinstance(w, _Blocked) else w.matmul(x)
 
 
 def _cpu_native(w: Weight) -> bool:

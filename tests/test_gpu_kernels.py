@@ -92,6 +92,24 @@ def test_matvec_keeps_leading_axes_and_row_tiles():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("cls", KERNEL_FORMATS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(("rows", "split"), [(2, 1), (4, 5), (16, 2)])
+def test_stacked_layer_equals_its_slice(cls, rows, split):
+    """Layer i read in place from a stack (`layer=i`) gives exactly the unstacked layer's
+    result: the same loads and arithmetic at an offset."""
+    rng = np.random.default_rng(900 + rows + split + int(cls.GGML_TYPE))
+    shape = (64, 1280)
+    ws = [cls.from_raw(_random_raw(cls, shape, rng), shape) for _ in range(3)]
+    stack = quant.stack(ws)
+    dtype = jnp.bfloat16 if rows > gpu_kernels.MAX_ROWS else jnp.float32
+    x = jnp.asarray(rng.standard_normal((rows, shape[1])), dtype)
+    for i in range(3):
+        kw = dict(interpret=True, split=split)
+        got = gpu_kernels.matmul(stack, x, layer=jnp.int32(i), **kw)
+        want = gpu_kernels.matmul(ws[i], x, **kw)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_supports():
     """Only Q4_K/Q6_K, unstacked, few rows, rows divisible by 16, whole super-blocks."""
     rng = np.random.default_rng(6)
@@ -123,6 +141,27 @@ def test_lowers_to_triton_for_cuda(cls, rows, split):
     assert text.count("__gpu$xla.gpu.triton") == 1
 
 
+@pytest.mark.parametrize("rows", [3, 16])
+def test_stacked_layer_lowers_to_triton_reading_the_stack(rows):
+    """A LayerOf matmul on CUDA passes the whole [L, ...] fields to one Triton call (no slice of
+    the layer is made for it), with the layer index as its first operand."""
+    shape = (256, 512)
+    rng = np.random.default_rng(10)
+    stack = quant.stack(
+        [quant.Q4_K.from_raw(_random_raw(quant.Q4_K, shape, rng), shape) for _ in range(3)]
+    )
+    x = jnp.ones((rows, shape[1]), jnp.bfloat16)
+    f = jax.jit(lambda w, i, x: gpu_kernels.matmul(w, x, layer=i))
+    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    text = export.export(f, platforms=["cuda"], disabled_checks=allow)(
+        stack, jnp.int32(1), x
+    ).mlir_module()
+    call = [ln for ln in text.splitlines() if "__gpu$xla.gpu.triton" in ln]
+    assert len(call) == 1
+    assert "tensor<3x256x2x2x2x32xui8>" in call[0]  # qs [L, out, nb, 2, 2, 32]: whole stack
+    assert "dynamic_slice" not in text
+
+
 def test_decode_takes_the_kernel_on_cuda_only(monkeypatch):
     """On a GPU host, 2 rows through Weight.matmul lower to the Triton call for CUDA only."""
     monkeypatch.setattr(quant, "_cpu_native", lambda w: False)  # as jax.default_backend() != cpu
@@ -134,6 +173,25 @@ def test_decode_takes_the_kernel_on_cuda_only(monkeypatch):
     cuda = export.export(f, platforms=["cuda"], disabled_checks=allow)(w, x).mlir_module()
     assert "__gpu$xla.gpu.triton" in cuda
     assert "triton" not in f.lower(w, x).as_text()
+
+
+def test_layer_of_takes_the_stacked_kernel_on_cuda(monkeypatch):
+    """quant.LayerOf (the scan over stacked layers) hands the kernel the whole stack on CUDA and
+    equals the sliced layer's matmul elsewhere."""
+    monkeypatch.setattr(quant, "_cpu_native", lambda w: False)  # as jax.default_backend() != cpu
+    shape = (64, 512)
+    rng = np.random.default_rng(11)
+    ws = [quant.Q6_K.from_raw(_random_raw(quant.Q6_K, shape, rng), shape) for _ in range(2)]
+    stack = quant.stack(ws)
+    x = jnp.asarray(rng.standard_normal((2, shape[1])), jnp.float32)
+    f = jax.jit(lambda w, i, x: quant.LayerOf(jax.tree.map(lambda a: a[i], w), w, i).matmul(x))
+    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    cuda = export.export(f, platforms=["cuda"], disabled_checks=allow)(stack, jnp.int32(1), x)
+    call = [ln for ln in cuda.mlir_module().splitlines() if "__gpu$xla.gpu.triton" in ln]
+    assert len(call) == 1 and "tensor<2x64x2x2x2x2x16xui8>" in call[0]  # ql, whole stack
+    got = f(stack, jnp.int32(1), x)
+    want = jax.jit(lambda w, x: w.matmul(x))(ws[1], x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_tensor_core_path_needs_a_capable_card(monkeypatch):
