@@ -234,12 +234,8 @@ class _Blocked(Weight):
             branches["default"] = lambda x: self.matvec_fused(x)
         if gpu_kernels.supports(self, rows, x.dtype):
             # NVIDIA: Pallas kernels that unpack each packed byte once (rwkv_jax/gpu_kernels.py)
-            if of is None:
-                branches["cuda"] = lambda x: gpu_kernels.matmul(self, x).astype(x.dtype)
-            else:
-                branches["cuda"] = lambda x: gpu_kernels.matmul(of.stack, x, layer=of.index).astype(
-                    x.dtype
-                )
+            w, layer = (self, None) if of is None else (of.stack, of.index)
+            branches["cuda"] = lambda x: gpu_kernels.matmul(w, x, layer=layer).astype(x.dtype)
         elif not fused:
             return dot(x)
         return lax.platform_dependent(x, **branches)
