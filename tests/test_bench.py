@@ -469,3 +469,16 @@ def test_smoke_run_tiny(tmp_path, synth_model, model_dir, capsys):
     png = tmp_path / "smoke.png"
     assert bench.main(["--plot", str(png), "--title", "Smoke", "--out", str(out)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gpu_trace_busy_time_and_kernel_families():
+    """gpu_trace's busy time is the union of kernel intervals (overlaps counted once, gaps not at
+    all), and XLA's numbered kernel names group into one family."""
+    from experiments.gpu_trace import busy_ns, family
+
+    ev = [("a", 0, 10), ("b", 5, 10), ("c", 30, 5), ("d", 31, 2), ("e", 15, 0)]
+    assert busy_ns(ev) == 15 + 5  # [0, 15) and [30, 35)
+    assert busy_ns([]) == 0
+    assert family("input_reduce_fusion.123") == "input_reduce_fusion"
+    assert family("loop_convert_fusion_7") == "loop_convert_fusion"
+    assert family("rwkv_jax_q4_k_mma") == "rwkv_jax_q4_k_mma"
