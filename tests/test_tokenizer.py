@@ -93,6 +93,34 @@ def _longest_match_reference(vocab: list[bytes], data: bytes) -> list[int]:
     return ids
 
 
+def _typed_longest_match(raw: list[bytes], types: list[int], data: bytes) -> list[int]:
+    """Brute-force greedy longest match over NORMAL tokens only; the larger id of equal tokens."""
+    index = {b: i for i, (b, t) in enumerate(zip(raw, types, strict=True)) if t == 1 and b}
+    longest = max(map(len, index))
+    ids, i = [], 0
+    while i < len(data):
+        for length in range(min(longest, len(data) - i), 0, -1):
+            tok = index.get(data[i : i + length])
+            if tok is not None:
+                ids.append(tok)
+                i += length
+                break
+    return ids
+
+
+def _random_vocab(rng: random.Random, n: int) -> tuple[list[bytes], list[int]]:
+    """Every byte plus `n` short tokens over 4 byte values: shared prefixes, NULs, duplicates."""
+    raw = [b"<s>"] + [bytes([b]) for b in range(256)]
+    types = [3] + [1] * 256
+    for _ in range(n):
+        if rng.random() < 0.1:  # an exact duplicate (any type) of an earlier entry
+            raw.append(raw[rng.randrange(1, len(raw))])
+        else:  # empty tokens included; b"a" < b"a\x00" < b"a\x00b" trips NUL-padded sorts
+            raw.append(bytes(rng.choice(b"\x00\x01a\xff") for _ in range(rng.randint(0, 9))))
+        types.append(rng.choice([1, 1, 1, 1, 0, 3, 5]))
+    return raw, types
+
+
 @pytest.fixture(scope="module")
 def world() -> tk.Tokenizer:
     """The shipped World tokenizer."""
@@ -264,6 +292,98 @@ def test_from_gguf_duplicate_tokens_larger_id_wins() -> None:
     tokens = ["<s>"] + [tk.escape_token(bytes([b])) for b in range(256)] + ["ab", "ab"]
     t = tk.Tokenizer.from_gguf(tokens, None)
     assert t.encode("abc") == [258, ord("c") + 1]
+
+
+def test_unescape_tokens_equals_per_token() -> None:
+    # The batch path must agree with `unescape_token` token by token, including the cases that
+    # leave it (non-simple escapes, "\0" inside a token) and escapes cut at a token boundary:
+    # joined naively, "tail\\" + "x41" would read as "\x41".
+    tokens, _ = tk.world_gguf_tokens()
+    edge = ["tail\\", "x41", "\\x4", "1", "\\", "u0100", "a\\", "\\b", "", "ünï", "\\xAB"]
+    cases = [tokens, tokens[:300] + ["x\\q", "\\0"], edge, ["a\0b", "\\n\0"], [""]]
+    cases += [edge[i : i + 2] for i in range(len(edge) - 1)]  # each boundary on its own
+    for case in cases:
+        assert tk.unescape_tokens(case) == [tk.unescape_token(t) for t in case], case[-3:]
+    for bad in (["ok", "\udc80"], ["\\x41", "\udc80\\q"]):  # lone surrogates raise the same
+        with pytest.raises(UnicodeEncodeError):
+            tk.unescape_tokens(bad)
+        with pytest.raises(UnicodeEncodeError):
+            [tk.unescape_token(t) for t in bad]
+
+
+def test_from_gguf_matcher_is_lazy_but_checks_are_eager() -> None:
+    # The trie is built by the first encode (a model that only decodes never pays for it) ...
+    tokens, types = tk.world_gguf_tokens()
+    tk._from_gguf_cached.cache_clear()
+    t = tk.Tokenizer.from_gguf(tokens, types)
+    assert t._matcher is None
+    assert t.decode(t.encode("lazy ok")) == "lazy ok" and t._matcher is not None
+    # ... but every check runs at construction: byte 0x41's token made UNUSED is rejected
+    # without any encode call, by the constructor and by from_gguf
+    raw = [tk.unescape_token(s) for s in tokens]
+    bad_types = list(types)
+    bad_types[0x41 + 1] = tk.TOKEN_TYPE_UNUSED
+    with pytest.raises(GGUFError, match="1 byte value"):
+        tk.Tokenizer(raw, bad_types)
+    with pytest.raises(GGUFError, match="1 byte value"):
+        tk.Tokenizer.from_gguf(tokens, bad_types)
+    raw_dup = raw + [b"A"]  # a NORMAL duplicate with a larger id restores byte 0x41
+    assert tk.Tokenizer(raw_dup, bad_types + [1]).encode("A") == [len(raw)]
+
+
+def test_from_gguf_cache_keys_on_tokens_and_types() -> None:
+    tokens, types = tk.world_gguf_tokens()
+    a = tk.Tokenizer.from_gguf(tokens, types)
+    assert tk.Tokenizer.from_gguf(list(tokens), np.array(types, np.int32)) is a
+    assert tk.Tokenizer.from_gguf(tokens, None) is a  # the same derived types
+    assert tk.Tokenizer.from_gguf(tokens, [float(t) for t in types]) is a  # int() of each
+    other = list(types)
+    other[300] = tk.TOKEN_TYPE_CONTROL
+    b = tk.Tokenizer.from_gguf(tokens, other)
+    assert b is not a and b.token_type(300) == 3 and a.token_type(300) == 1
+    assert 300 not in b.encode(tk.unescape_token(tokens[300]))  # no longer matched
+    assert a.encode(tk.unescape_token(tokens[300])) == [300]
+    with pytest.raises(GGUFError, match=r"token_type\[5\] = 9"):
+        tk.Tokenizer.from_gguf(tokens, np.array([9 if i == 5 else t for i, t in enumerate(types)]))
+    # a "\0" inside a token disables the cache but not the tokenizer
+    nul = [*tokens[:257], "a\0b", "\\x00\0"]
+    t1, t2 = tk.Tokenizer.from_gguf(nul, None), tk.Tokenizer.from_gguf(nul, None)
+    assert t1 is not t2
+    assert t1.encode(b"a\x00b\x00\x00") == t2.encode(b"a\x00b\x00\x00") == [257, 258]
+
+
+def test_matcher_on_random_vocabularies() -> None:
+    # Many shared prefixes, NUL bytes, empty and duplicate tokens, non-NORMAL types: the numpy
+    # trie must give the brute-force greedy match on every input.
+    rng = random.Random(7)
+    for trial in range(6):
+        raw, types = _random_vocab(rng, 400 if trial % 2 else 60)
+        t = tk.Tokenizer.from_gguf([tk.escape_token(b) for b in raw], types)
+        docs = [bytes(rng.choice(b"\x00\x01a\xff") for _ in range(rng.randint(0, 60)))]
+        docs += [b"".join(rng.choice(raw) for _ in range(20)) for _ in range(40)]
+        docs += [rng.randbytes(30)]
+        for data in docs:
+            assert t.encode(data) == _typed_longest_match(raw, types, data), (trial, data)
+
+
+def test_matcher_deep_tokens() -> None:
+    # depths past 255 and 65535: the node sort's uint16 fast path must not be taken past 65535
+    raw = [bytes([b]) for b in range(256)] + [b"a" * 300, b"a" * 299 + b"b", b"a" * 70_000]
+    raw += [b"a" * n + b"b" for n in range(240, 520, 7)]  # branches at many deep levels
+    t = tk.Tokenizer(raw, [1] * len(raw))
+    data = b"a" * 70_000 + b"a" * 300 + b"a" * 299 + b"b" + b"a" * 5
+    assert t.encode(data)[:3] == [258, 256, 257]
+    for doc in [data] + [b"a" * n + b"b" for n in range(200, 600, 3)]:
+        assert t.encode(doc) == _typed_longest_match(raw, [1] * len(raw), doc)
+
+
+def test_every_world_token_encodes_to_itself(world: tk.Tokenizer, vocab: list[bytes]) -> None:
+    # The longest match of a whole token is the token (World has no duplicates), so this walks
+    # every node of the trie; the trie has one node per distinct token prefix.
+    assert [world.encode(b) for b in vocab[1:]] == [[i] for i in range(1, len(vocab))]
+    prefixes = {b[:k] for b in vocab[1:] for k in range(1, len(b) + 1)}
+    world.encode("")
+    assert len(world._matcher[2]) == len(prefixes) + 1  # + the root
 
 
 # ----------------------------------------------------------------------------- encoding
