@@ -3,13 +3,15 @@
 XLA:CPU unpacks packed blocks at well under 1 GB/s (docs/backends.md), so the decode matvecs
 run through `native/qmatvec.cc` instead: one C++ kernel per format that dequantizes each block
 to exactly ggml's float32 values in registers and accumulates `x · Wᵀ` in float32 (x is never
-quantized), on a small thread pool. From 8 activation rows (prefill) the blocks are unpacked
-once into float32 tiles and multiplied by a register-blocked microkernel (`info()` names the
-thresholds). The source is compiled with the system C++ compiler on first
-use into a cache keyed by source, compiler, flags, JAX version and CPU, then registered with
-`jax.ffi`. Without a compiler or a usable `jax.ffi`, `available()` is False, `reason()` says
-why, and callers keep the XLA path (same numbers, slower). `RWKV_JAX_NATIVE=0` disables it;
-`RWKV_JAX_NATIVE_THREADS=N` sets the pool size (default: the CPUs this process may use).
+quantized), on a small thread pool (Q4_K at one row, AVX-512: each sub-block's scale and min
+factored out of its sum, the same weight values with another rounding). From 8 activation rows
+(prefill) the blocks are unpacked once into float32 tiles and multiplied by a register-blocked
+microkernel (`info()` names the thresholds). The source is compiled with the system C++
+compiler on first use into a cache keyed by source, compiler, flags, JAX version and CPU, then
+registered with `jax.ffi`. Without a compiler or a usable `jax.ffi`, `available()` is False,
+`reason()` says why, and callers keep the XLA path (same numbers, slower). `RWKV_JAX_NATIVE=0`
+disables it; `RWKV_JAX_NATIVE_THREADS=N` sets the pool size (default: the CPUs this process
+may use).
 """
 
 from __future__ import annotations

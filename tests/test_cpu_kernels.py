@@ -135,6 +135,35 @@ def test_odd_shapes(cls, out, rows):
     _assert_dot_close(_matmul(w, x), x, deq)
 
 
+@native
+@pytest.mark.parametrize("out, n_in", [(17, 512), (1000, 768)])
+def test_q4k_one_row_factored(out, n_in):
+    """Q4_K at one activation row takes the factored kernel (AVX-512 builds): per sub-block j,
+    dl_j * sum(q x) - ml_j * sum(x). Same weight values, another rounding: any order of these
+    n + 2 roundings per term stays within gamma_{n+2} * sum (|dl_j q| + |ml_j|) |x| (Higham,
+    Thm 3.1), a bound on the parts instead of on |w| = |dl_j q - ml_j|. out = 17: a 16-row lane
+    sum and a lone row; out = 1000: split between threads."""
+    rng = np.random.default_rng(out)
+    raw = _raw(quant.Q4_K, (out, n_in), rng)
+    deq = gguf_dequantize(raw.reshape(out, -1), quant.Q4_K.GGML_TYPE).astype(np.float64)
+    w = quant.Q4_K.from_raw(raw, (out, n_in))
+    rec = raw.view(quant.Q4_K.BLOCK).reshape(out, -1)  # [out, nb]
+    sc, mn = (np.asarray(a, np.float64) for a in quant._scale_min_k4(jnp.asarray(rec["scales"])))
+    ml = rec["dmin"].astype(np.float64)[..., None] * mn  # [out, nb, 8]
+    ml = np.repeat(ml, 32, axis=-1).reshape(out, n_in)  # per element
+    dlq = deq + ml  # dl_j * q, exact
+    x = rng.standard_normal((1, n_in)).astype(np.float32)
+    want = x.astype(np.float64) @ deq.T
+    n, u = n_in + 2, 2.0**-24
+    bound = n * u / (1 - n * u) * (np.abs(x) @ (np.abs(dlq) + np.abs(ml)).T) + u * np.abs(want)
+    got = np.asarray(_matmul(w, x))
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.all(np.abs(got - want) <= bound)
+    # rows 2.. take the 8-row passes (exact weight values): the same numbers up to rounding
+    x3 = np.concatenate([x, x, x])
+    np.testing.assert_allclose(np.asarray(_matmul(w, x3))[0], got[0], rtol=1e-4, atol=1e-4)
+
+
 def _info_int(key: str) -> int:
     """A number from cpu_kernels.info() ('... tile_min_rows=8 tile_kc=4096 ...')."""
     fields = dict(kv.split("=", 1) for kv in cpu_kernels.info().split() if "=" in kv)
