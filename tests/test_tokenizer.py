@@ -79,23 +79,8 @@ def _random_bytes(rng: random.Random, vocab: list[bytes], n: int) -> list[bytes]
     return out
 
 
-def _longest_match_reference(vocab: list[bytes], data: bytes) -> list[int]:
-    """Brute-force greedy longest match (spec §4.2), independent of the trie implementation."""
-    index = {b: i for i, b in enumerate(vocab) if b}
-    ids, i = [], 0
-    while i < len(data):
-        for length in range(min(128, len(data) - i), 0, -1):
-            tok = index.get(data[i : i + length])
-            if tok is not None:
-                ids.append(tok)
-                i += length
-                break
-    return ids
-
-
-def _typed_longest_match(raw: list[bytes], types: list[int], data: bytes) -> list[int]:
-    """Brute-force greedy longest match over NORMAL tokens only; the larger id of equal tokens."""
-    index = {b: i for i, (b, t) in enumerate(zip(raw, types, strict=True)) if t == 1 and b}
+def _greedy(index: dict[bytes, int], data: bytes) -> list[int]:
+    """Greedy longest match of `data` over the token -> id `index`, by brute force."""
     longest = max(map(len, index))
     ids, i = [], 0
     while i < len(data):
@@ -106,6 +91,18 @@ def _typed_longest_match(raw: list[bytes], types: list[int], data: bytes) -> lis
                 i += length
                 break
     return ids
+
+
+def _longest_match_reference(vocab: list[bytes], data: bytes) -> list[int]:
+    """Brute-force greedy longest match (spec §4.2), independent of the trie implementation."""
+    return _greedy({b: i for i, b in enumerate(vocab) if b}, data)
+
+
+def _typed_longest_match(raw: list[bytes], types: list[int], data: bytes) -> list[int]:
+    """Brute-force greedy longest match over NORMAL tokens only; the larger id of equal tokens."""
+    return _greedy(
+        {b: i for i, (b, t) in enumerate(zip(raw, types, strict=True)) if t == 1 and b}, data
+    )
 
 
 def _random_vocab(rng: random.Random, n: int) -> tuple[list[bytes], list[int]]:
