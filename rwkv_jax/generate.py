@@ -363,11 +363,10 @@ def from_gguf(
         dtype = prof.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     if stack_layers is None:
         stack_layers = prof.stack_layers
-    if stack_layers is None and jax.default_backend() == "cpu" and cpu_kernels.available():
-        # XLA copies a layer's weights out of the stack before each custom call: with the native
-        # CPU kernels unrolled layers decode faster (10.6 vs 14.0 ms/token, 0.1b Q4_K_M here);
-        # available() also builds the kernels now rather than inside the first trace
-        stack_layers = False
+    if jax.default_backend() == "cpu":
+        # build the native kernels now rather than inside the first trace; they read a stacked
+        # layer in place (quant.LayerOf), so layers stay stacked on the CPU too
+        cpu_kernels.available()
     if dtype not in DTYPES:
         raise InputError(f"dtype '{dtype}' is not one of {['auto', *DTYPES]}")
     if chunk_size not in (16, 32, 64):

@@ -124,18 +124,20 @@ class Weight(eqx.Module):
         picked = jax.tree_util.tree_map_with_path(take, self)
         return picked._decode().astype(jnp.float32)
 
-    def matmul(self, x: Array) -> Array:
+    def matmul(self, x: Array, of: LayerOf | None = None) -> Array:
         """x @ W^T: [..., in] -> [..., out] in x's dtype, accumulated in float32.
 
         On the CPU backend the native FFI kernels (rwkv_jax/cpu_kernels.py) multiply the packed
-        blocks directly; elsewhere XLA dequantizes and runs a dot.
+        blocks directly; elsewhere XLA dequantizes and runs a dot. `of`: this weight is layer
+        `of.index` of the stack `of.stack`, which the native kernels read in place.
         """
         if _cpu_native(self):
             xla = self._matmul_xla
+            w, index = (self, None) if of is None else (of.stack, of.index)
             # lambdas: platform_dependent hashes its branches (a Module with tracers is not)
             return lax.platform_dependent(
                 x,
-                cpu=lambda x: cpu_kernels.matmul(self, x).astype(x.dtype),
+                cpu=lambda x: cpu_kernels.matmul(w, x, index=index).astype(x.dtype),
                 default=lambda x: xla(x),
             )
         return self._matmul_xla(x)
@@ -225,7 +227,7 @@ class _Blocked(Weight):
         this weight is layer `of.index` of the stack `of.stack`, which the kernels read in place.
         """
         if _cpu_native(self):  # native kernels beat XLA at every row count
-            return super().matmul(x)
+            return super().matmul(x, of)
         rows = math.prod(x.shape[:-1])
         fused = rows <= MATVEC_MAX_ROWS
         if fused and backends.current_profile().matvec == "fused":  # what Metal runs
@@ -257,9 +259,9 @@ class LayerOf(eqx.Module):
     """Layer `index` (a traced int32 scalar) of a stacked weight, in the scan over layers.
 
     XLA reads the scan's slice of a layer in place where a fusion consumes it, but copies it out
-    of the stack before a custom call: the GPU kernels take the whole stack and the index
-    instead (gpu_kernels.matmul's `layer`); every other path uses the slice, unchanged. Has the
-    `matmul` of a Weight.
+    of the stack before a custom call: the GPU and native CPU kernels take the whole stack and
+    the index instead (gpu_kernels.matmul's `layer`, cpu_kernels.matmul's `index`); every other
+    path uses the slice, unchanged. Has the `matmul` of a Weight.
     """
 
     layer: Weight  # the scan's slice: fields [...]
@@ -268,8 +270,7 @@ class LayerOf(eqx.Module):
 
     def matmul(self, x: Array) -> Array:
         """x @ W_index^T, as the unstacked layer's matmul computes it."""
-        w = self.layer
-        return w.matmul(x, of=self) if isinstance(w, _Blocked) else w.matmul(x)
+        return self.layer.matmul(x, of=self)
 
 
 def _cpu_native(w: Weight) -> bool:

@@ -54,3 +54,38 @@ def test_no_dequantized_weight_in_compiled_decode(synth_model, stack_layers):
             assert dims[-2:] != (out, n_in), f"dequantized [{out}, {n_in}] in the decode program"
             assert not (len(dims) >= 3 and dims[-3] == out and dims[-2] * dims[-1] == n_in), dims
     assert cpu_kernels.TARGET_PREFIX in hlo  # the packed fields go to the native kernels
+
+
+def test_stacked_decode_reads_layers_in_place(synth_model):
+    """With stacked layers the native kernels get the whole [L, ...] fields and the layer index
+    (quant.LayerOf): no packed field of one layer is copied out of the stack per token."""
+    if not cpu_kernels.available():
+        pytest.skip(f"native kernels unavailable: {cpu_kernels.reason()}")
+    model = rwkv_jax.load(synth_model("tiny", "Q4_K_M"), stack_layers=True)
+    L = model.config.n_layer
+    hlo = (
+        decode_step.lower(
+            model.params,
+            jnp.zeros((1,), jnp.int32),
+            model.new_state(1),
+            cfg=model.config,
+            dtype=model.dtype,
+        )
+        .compile()
+        .as_text()
+    )
+    layer_fields = set()  # one layer's shape of every stacked packed field, e.g. u8[64,1,128]
+    for w in jax.tree.leaves(model.params.blocks, is_leaf=lambda x: isinstance(x, quant.Weight)):
+        if isinstance(w, quant._Blocked):
+            for a in jax.tree.leaves(w):
+                layer_fields.add(",".join(map(str, a.shape[1:])))
+    copies = []  # a layer's field sliced or copied out of its stack (leading 1s dropped)
+    for ln in hlo.splitlines():
+        m = re.search(r"= (?:u8|s8|f16)\[([\d,]*)\]\S* (?:copy|dynamic-slice)\(", ln)
+        dims = m.group(1).split(",") if m else []
+        while len(dims) > 1 and dims[0] == "1":
+            dims.pop(0)
+        if ",".join(dims) in layer_fields:
+            copies.append(ln.strip())
+    assert not copies, copies[:3]
+    assert f"u8[{L}," in hlo  # stacked fields reach the custom calls whole
