@@ -210,62 +210,39 @@ class Tokenizer:
             )
         # empty tokens can never be matched (llama.cpp puts them on the root)
         self._matchable = np.flatnonzero(normal & (lens > 0))
-        self._lens = lens
-        # (trans.get, root, best_id, best_len), built by the first `encode` (~30 ms for World)
+        # (trans.get, root, best_id, best_len), built by the first `encode` (~75 ms for World)
         self._matcher: tuple | None = None
 
     def _build_matcher(self) -> tuple:
-        """Byte trie as a flat dict (node << 8 | byte) -> child, with the best match per node.
-
-        Built with numpy from the matchable tokens in byte order: each token's trie path shares
-        exactly its common prefix with the token before it, so every trie node is one byte of one
-        token and the nodes come out in preorder (their ids).
-        """
-        # Stable sort: equal tokens stay in id order, so the last of a run (larger id) wins.
-        order = sorted(self._matchable.tolist(), key=self._bytes.__getitem__)
-        tok_id = np.array(order)  # [m] token ids in byte order
-        lens = self._lens[tok_id]  # [m]
-        flat = np.frombuffer(b"".join(map(self._bytes.__getitem__, order)), np.uint8)  # [total]
-        starts = np.cumsum(lens) - lens
-        row = np.repeat(np.arange(len(order)), lens)  # [total] sorted token of each byte
-        pos = np.arange(len(flat)) - starts[row]  # [total] offset of each byte in its token
-        # lcp[k]: leading bytes token k shares with token k - 1 (same offset, prev_len bytes back)
-        prev_len = np.append(0, lens[:-1])[row]  # [total]
-        differs = (pos >= prev_len) | (flat != flat[np.arange(len(flat)) - prev_len])
-        lcp = np.minimum(np.minimum.reduceat(np.where(differs, pos, 1 << 30), starts), lens)
-        new = pos >= lcp[row]  # [total] bytes past the shared prefix start a new node
-        node_of = np.cumsum(new)  # [total] node id of each new byte (ids 1.., preorder)
-        n_nodes = int(node_of[-1])
-        ids = np.arange(n_nodes + 1)
-        depth = np.append(0, pos[new] + 1)  # [nodes] the root is node 0, at depth 0
-        # Parent: the byte before in the same token, except for a token's first new node, whose
-        # parent is the latest earlier node one level up (preorder); found by a search over the
-        # ids sorted by (depth, id).
-        parent = ids.copy()  # [nodes] parent[v] for v >= 1 after the shift below
-        parent[1:] -= 1
-        first = node_of[(starts + lcp)[lcp < lens]]  # [tokens that add nodes]
-        small = depth.astype(np.uint16) if lens.max() < 1 << 16 else depth  # radix-sortable
-        by_depth = np.argsort(small, kind="stable")
-        keys = (depth[by_depth] << 32) | by_depth  # [nodes] ascending
-        parent[first] = by_depth[np.searchsorted(keys, ((depth[first] - 1) << 32) | first) - 1]
-        # Token ending at each node; a duplicate token (lcp == len) ends where the one before did,
-        # and only the last of a run is kept (numpy gives no order for repeated-index stores).
-        end = np.maximum.accumulate(np.where(lcp < lens, node_of[starts + lens - 1], 0))  # [m]
-        last = np.append(lcp[1:] < lens[1:], True)  # [m] not followed by an equal token
-        node_token = np.full(n_nodes + 1, -1, np.int64)
-        node_token[end[last]] = tok_id[last]
-        # Longest token that is a prefix of each node's path: the nearest ancestor-or-self with
-        # a token, by pointer jumping (doubling the distance each step; depth <= max length).
-        best = np.where(node_token >= 0, ids, parent)
-        for _ in range(int(lens.max()).bit_length()):
-            best = best[best]
-        best_id, best_len = node_token[best], depth[best]
-        best_id[0] = 0  # the root is never a match: every byte has a depth-1 token
-        trans = dict(
-            zip(((parent[1:] << 8) | flat[new]).tolist(), range(1, n_nodes + 1), strict=True)
-        )
+        """Byte trie as a flat dict (node << 8 | byte) -> child, with the best match per node."""
+        trans: dict[int, int] = {}
+        node_token = [-1]  # token id ending exactly at each node, -1 if none
+        parent = [0]
+        depth = [0]
+        for tok_id in self._matchable.tolist():
+            node = 0
+            for c in self._bytes[tok_id]:
+                key = (node << 8) | c
+                child = trans.get(key)
+                if child is None:
+                    child = len(node_token)
+                    trans[key] = child
+                    node_token.append(-1)
+                    parent.append(node)
+                    depth.append(depth[node] + 1)
+                node = child
+            node_token[node] = tok_id  # later ids overwrite: the larger id wins
+        # Longest token that is a prefix of each node's path: children are created after their
+        # parents, so one pass in creation order sees the parent's answer first.
+        best_id = [0] * len(node_token)
+        best_len = [0] * len(node_token)
+        for node in range(1, len(node_token)):
+            if node_token[node] >= 0:
+                best_id[node], best_len[node] = node_token[node], depth[node]
+            else:
+                best_id[node], best_len[node] = best_id[parent[node]], best_len[parent[node]]
         root = [trans[c] for c in range(256)]
-        self._matcher = (trans.get, root, best_id.tolist(), best_len.tolist())
+        self._matcher = (trans.get, root, best_id, best_len)
         return self._matcher
 
     @classmethod
