@@ -58,17 +58,21 @@ def chain(mat, ws, x):
 
 
 def variant(spec: str):
-    """'xla' or 'pallas:TILE:WARPS:SPLIT' -> (label, matmul function)."""
+    """'xla' or 'pallas:TILE:WARPS:SPLIT[:STAGES]' -> (label, matmul function)."""
     if spec == "xla":
         return "xla fused", lambda w, x: w.matvec_fused(x)
-    _, t, nw, sp = spec.split(":")
-    return f"pallas {t}x{nw}w split {sp}", lambda w, x: gpu_kernels.matmul(
-        w, x, block_rows=int(t), num_warps=int(nw), split=int(sp)
+    t, nw, sp, *st = map(int, spec.split(":")[1:])
+    stages = st[0] if st else gpu_kernels.NUM_STAGES
+    return f"pallas {t}x{nw}w split {sp} st {stages}", lambda w, x: gpu_kernels.matmul(
+        w, x, block_rows=t, num_warps=nw, split=sp, num_stages=stages
     )
 
 
-def decode_ab(preset: str, reps: int, configs: list[tuple[str, int]], batches: list[int]) -> None:
-    """Whole decode step of a synthetic Q4_K_M model: XLA fused vs Pallas, scan vs unrolled."""
+def decode_ab(
+    preset: str, reps: int, configs: list[tuple[str, int]], batches: list[int], min_rows: int
+) -> None:
+    """Whole decode step of a synthetic Q4_K_M model: XLA fused vs Pallas, scan vs unrolled;
+    the Pallas kernels take min_rows activation rows and up."""
     import rwkv_jax
     from rwkv_jax import model as M
     from rwkv_jax import synth
@@ -80,8 +84,10 @@ def decode_ab(preset: str, reps: int, configs: list[tuple[str, int]], batches: l
         pallas = spec != "xla"
         gpu_kernels.ENABLED, M.LAYER_SCAN_UNROLL = pallas, unroll
         if pallas:
-            t, nw, sp = map(int, spec.split(":")[1:])
+            t, nw, sp, *st = map(int, spec.split(":")[1:])
             gpu_kernels.BLOCK_ROWS, gpu_kernels.NUM_WARPS, gpu_kernels.SPLIT = t, nw, sp
+            gpu_kernels.NUM_STAGES = st[0] if st else 2
+            gpu_kernels.MIN_ROWS = min_rows
         jax.clear_caches()
         for b in batches:
             st, tok = m.new_state(b), jnp.ones((b,), jnp.int32)
@@ -116,7 +122,10 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument(
-        "--variants", nargs="+", default=DEFAULT_VARIANTS, help="xla | pallas:TILE:WARPS:SPLIT"
+        "--variants",
+        nargs="+",
+        default=DEFAULT_VARIANTS,
+        help="xla | pallas:TILE:WARPS:SPLIT[:STAGES]",
     )
     p.add_argument("--chain", type=int, default=8, help="distinct weights per timed call")
     p.add_argument("--model", default=None, help="also time whole decode steps of this preset")
@@ -124,10 +133,11 @@ def main() -> None:
         "--decode-variants",
         nargs="+",
         default=["xla", "pallas:32:4:4"],
-        help="xla | pallas:TILE:WARPS:SPLIT for --model",
+        help="xla | pallas:TILE:WARPS:SPLIT[:STAGES] for --model",
     )
     p.add_argument("--unroll", type=int, nargs="+", default=[1], help="layers per scan step")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 64], help="for --model")
+    p.add_argument("--min-rows", type=int, default=gpu_kernels.MIN_ROWS, help="for --model")
     a = p.parse_args()
     print(jax.devices()[0].device_kind, "jax", jax.__version__)
     print(f"device copy: {copy_gbs(a.reps):.0f} GB/s")
@@ -154,7 +164,7 @@ def main() -> None:
         del ws
     if a.model:
         configs = [(v, u) for v in a.decode_variants for u in a.unroll]
-        decode_ab(a.model, a.reps, configs, a.batches)
+        decode_ab(a.model, a.reps, configs, a.batches, a.min_rows)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import numpy as np
 from jax.profiler import ProfileData
 
 from experiments.engine_jax import JaxEngine
-from rwkv_jax import synth
+from rwkv_jax import gpu_kernels, synth
 
 
 def kernel_events(xplane: str) -> list[tuple[str, int, int]]:
@@ -60,8 +60,8 @@ def family(name: str) -> str:
     return re.sub(r"[._]\d+$", "", re.sub(r"[._]\d+(?=[._])", "", name))
 
 
-def profile(run, tokens: int, top: int) -> dict:
-    """Trace one call of run(); summarise its kernels."""
+def profile(run, tokens: int, top: int, events_out: str | None = None) -> dict:
+    """Trace one call of run(); summarise its kernels (and write every event to events_out)."""
     d = tempfile.mkdtemp(prefix="rwkv_trace_")
     with jax.profiler.trace(d):
         wall = run()
@@ -71,6 +71,9 @@ def profile(run, tokens: int, top: int) -> dict:
         for plane in ProfileData.from_file(files[0]).planes:
             lines = [(ln.name, len(list(ln.events))) for ln in plane.lines]
             print("  plane", plane.name, lines[:8])
+    if events_out:  # the whole sequence, in start order: which kernels one token runs
+        with open(events_out, "w") as f:
+            json.dump(sorted(ev, key=lambda e: e[1]), f)
     by = collections.defaultdict(lambda: [0, 0])
     for name, _, dur in ev:
         by[family(name)][0] += 1
@@ -101,7 +104,19 @@ def main() -> None:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--label", default="")
     p.add_argument("--out", default=None, help="append JSON lines here")
+    p.add_argument("--events", default=None, help="write each case's kernel events to PREFIX.case")
+    p.add_argument(
+        "--pallas",
+        default=None,
+        metavar="MIN_ROWS:TILE:WARPS:SPLIT",
+        help="override gpu_kernels' launch constants (0 = keep one), e.g. 1:16:4:1",
+    )
     a = p.parse_args()
+    if a.pallas:  # tuning only: the constants are module globals read at trace time
+        names = ("MIN_ROWS", "BLOCK_ROWS", "NUM_WARPS", "SPLIT")
+        for name, v in zip(names, map(int, a.pallas.split(":")), strict=True):
+            if v:
+                setattr(gpu_kernels, name, v)
     opts = {
         "dtype": "bfloat16",
         "chunk_size": 64,
@@ -144,7 +159,8 @@ def main() -> None:
             "median_s": secs[len(secs) // 2],
             "tok_s": tokens / secs[len(secs) // 2],
         }
-        rec.update(profile(run, tokens, a.top))
+        ev_out = f"{a.events}.{case.replace(':', '_')}.json" if a.events else None
+        rec.update(profile(run, tokens, a.top, ev_out))
         print(
             f"\n== {case} [{label}] {rec['tok_s']:.1f} tok/s, median {1e3 * rec['median_s']:.2f}"
             f" ms (first call {first_s:.1f} s); traced {rec['traced_wall_ms']:.2f} ms, busy "

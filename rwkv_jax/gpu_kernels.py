@@ -1,11 +1,11 @@
-"""Batched-decode matmuls over packed K-quant blocks on NVIDIA GPUs, as Pallas (Triton) kernels.
+"""Decode matmuls over packed K-quant blocks on NVIDIA GPUs, as Pallas (Triton) kernels.
 
 XLA's paths for a few activation rows either repeat the unpacking per row (the fused
 unpack-multiply-reduce matvec, quant._Blocked.matvec_fused) or write a dequantized copy of the
 weight and read it back for a dot (more rows). These kernels unpack each packed byte once, in
 registers, and apply it to every row:
 
-- 2..MAX_ROWS rows: one float32 accumulator per row over the super-block's values,
+- 1..MAX_ROWS rows: one float32 accumulator per row over the super-block's values,
   acc[r] += (d*sc[j] * q - dmin*mn[j]) * x[r], reduced across lanes once at the end;
 - up to MMA_MAX_ROWS rows of bf16/f16: each super-block's values rounded to x's dtype (as the
   XLA path's dequantize-then-dot rounds them) and multiplied on tensor cores, float32 sums.
@@ -25,10 +25,13 @@ step went to those copies (H200, experiments/gpu_trace).
 Measured on an H200, whole decode steps of the 2.9b Q4_K_M model, XLA paths -> these kernels
 (`python -m experiments.gpu_matvec --variants none --model 2.9b --decode-variants xla
 pallas:32:4:10`): B=4 20.32 -> 9.62 ms, B=8 13.88 -> 9.36 ms, B=64 17.91 -> 14.63 ms per step.
-At B=1 XLA's fused matvec stays (5.22 ms against 6.21 ms here: XLA fuses the token-shift mix
-producing x and the cast into its matvec, one kernel per matrix, where a Pallas call adds its
-own), although per matrix the kernels are faster (the 65536-row Q6_K head 121 us against 247 us):
-the single-row loss is launches, not bandwidth. Tests run the kernels in Pallas' interpreter on
+One row (B=1 decode) takes them too since the kernels read stacked layers in place: the
+generation loop (`python -m experiments.gpu_trace --cases tg:1:128 --pallas 1:0:0:0` against
+the XLA fused matvec) ran 263.0 -> 277.7 and 260.8 -> 274.6 tok/s on two H200s; before, the
+per-layer copies out of the stack made it slower (5.22 ms XLA vs 6.21 ms per step). Per matrix
+they still reach only ~1 TB/s at one row (C x C 4.8 us, C -> F 15 us, H200 trace). Converting
+the unpacked integers to float32 without the int-to-float instruction (2^23 bit trick) changed
+nothing there, so conversions do not bound them. Tests run the kernels in Pallas' interpreter on
 the CPU (`interpret=True`) and check their Triton lowering for CUDA.
 """
 
@@ -48,9 +51,8 @@ from jax.experimental import pallas as pl
 Array = jax.Array
 
 QK_K = 256
-# activation rows (padded to a power of two) these kernels take; one row stays on XLA's fused
-# matvec, measured faster for it (module docstring)
-MIN_ROWS, MAX_ROWS = 2, 4
+# activation rows (padded to a power of two) these kernels take with float32 accumulators
+MIN_ROWS, MAX_ROWS = 1, 4
 # more rows (batched decode) take the tensor-core kernel, in row tiles of MMA_ROWS
 MMA_MAX_ROWS, MMA_ROWS = 64, 64
 # launch shape: weight rows per program (fewer when the row count is not a multiple), warps per
@@ -83,7 +85,8 @@ def _row_tile(out: int, block_rows: int | None = None) -> int | None:
 
 def supports(weight, rows: int, dtype=jnp.bfloat16) -> bool:
     """Whether `weight` (an unstacked quant.Weight) times `rows` activation rows of `dtype` runs
-    here: 2..MAX_ROWS rows (float32 FMAs), or up to MMA_MAX_ROWS of bf16/f16 (tensor cores)."""
+    here: MIN_ROWS..MAX_ROWS rows (float32 FMAs), or up to MMA_MAX_ROWS of bf16/f16 (tensor
+    cores)."""
     name = type(weight).__name__
     if not ENABLED or name not in _FORMATS or rows < MIN_ROWS:
         return False

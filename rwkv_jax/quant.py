@@ -156,6 +156,15 @@ class Weight(eqx.Module):
         )
         return y.astype(x.dtype)
 
+    def matvec_fused(self, x: Array) -> Array:
+        """x @ W^T as one fused unpack-multiply-reduce (float32 values and accumulation), for
+        few rows."""
+        rows = math.prod(x.shape[:-1])
+        w = self._decode().astype(jnp.float32)  # [out, in], fused into the reduction below
+        xs = x.reshape(rows, 1, -1).astype(jnp.float32)  # [M, 1, in]
+        y = jnp.sum(w[None] * xs, axis=-1)  # [M, out]
+        return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
+
     @property
     def nbytes(self) -> int:
         """Bytes of packed device data (equals the GGUF tensor size for an unstacked weight)."""
@@ -223,7 +232,7 @@ class _Blocked(Weight):
         once instead of writing and re-reading a dequantized matrix for a dot (backends.md:
         2.9b Q4_K on an H100, 2.5 ms vs 7.0 ms per token). XLA:CPU does not vectorize the
         fused reduction (measured 4x slower than its dot here), so the CPU keeps the dot. On
-        NVIDIA GPUs batched decode (2..64 rows) of Q4_K/Q6_K takes the Pallas kernels. `of`:
+        NVIDIA GPUs decode (1..64 rows) of Q4_K/Q6_K takes the Pallas kernels. `of`:
         this weight is layer `of.index` of the stack `of.stack`, which the kernels read in place.
         """
         if _cpu_native(self):  # native kernels beat XLA at every row count
@@ -245,14 +254,6 @@ class _Blocked(Weight):
         elif not fused:
             return dot(x)
         return lax.platform_dependent(x, **branches)
-
-    def matvec_fused(self, x: Array) -> Array:
-        """x @ W^T as one fused unpack-multiply-reduce (float32 accumulation), for few rows."""
-        rows = math.prod(x.shape[:-1])
-        w = self._decode()  # [out, in] float32, fused into the reduction below
-        xs = x.reshape(rows, 1, -1).astype(jnp.float32)  # [M, 1, in]
-        y = jnp.sum(w[None] * xs, axis=-1)  # [M, out]
-        return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
 
 
 class LayerOf(eqx.Module):
@@ -292,6 +293,24 @@ class _Dense(Weight):
     def _decode(self) -> Array:
         """The stored values as they are."""
         return self.w
+
+    def matmul(self, x: Array, of: LayerOf | None = None) -> Array:
+        """x @ W^T; for a few rows on NVIDIA GPUs as multiply + reduce (the LoRA matrices).
+
+        XLA runs a dot of 2..4 rows as a Triton GEMM fusion, and the scan over stacked layers
+        then copies each layer's matrix (and the vectors fused into the GEMM's prologue) out of
+        the stack first: 15 copies per layer at B = 4 (H200 trace). A reduction reads them in
+        place, as XLA itself does for one row. Values: float32 products of the stored values
+        (the dot rounds them to x's dtype first).
+        """
+        rows = math.prod(x.shape[:-1])
+        if _cpu_native(self) or rows > MATVEC_MAX_ROWS:
+            return super().matmul(x, of)
+        dot = super()._matmul_xla
+        # lambdas: platform_dependent hashes its branches, and a Module holding tracers is not
+        return lax.platform_dependent(
+            x, cuda=lambda x: self.matvec_fused(x), default=lambda x: dot(x)
+        )
 
 
 # ---------------------------------------------------------------------------------------------

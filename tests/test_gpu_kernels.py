@@ -118,8 +118,8 @@ def test_supports():
         return cls.from_raw(_random_raw(cls, shape, rng), shape)
 
     w = make(quant.Q4_K, (64, 512))
-    assert gpu_kernels.supports(w, 2) and gpu_kernels.supports(w, gpu_kernels.MAX_ROWS)
-    assert not gpu_kernels.supports(w, 1)  # one row: XLA's fused matvec (measured faster)
+    assert gpu_kernels.supports(w, 1) and gpu_kernels.supports(w, gpu_kernels.MAX_ROWS)
+    assert not gpu_kernels.supports(w, 0)
     assert gpu_kernels.supports(w, 8) and gpu_kernels.supports(w, gpu_kernels.MMA_MAX_ROWS)
     assert not gpu_kernels.supports(w, 8, jnp.float32)  # tensor cores: bf16/f16 only
     assert not gpu_kernels.supports(w, gpu_kernels.MMA_MAX_ROWS + 1)

@@ -130,7 +130,7 @@ def test_matmul_matches_numpy(cls):
 BLOCKED = [c for c in ALL if issubclass(c, quant._Blocked)]
 
 
-@pytest.mark.parametrize("cls", BLOCKED, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("rows", [1, 3])
 def test_fused_matvec_matches_numpy(cls, rows):
     """The GPU decode path (unpack-multiply-reduce), run here on the CPU: same error bound."""
@@ -144,6 +144,21 @@ def test_fused_matvec_matches_numpy(cls, rows):
     n, u = shape[1], 2.0**-24  # as test_matmul_matches_numpy
     bound = n * u / (1 - n * u) * (np.abs(x) @ np.abs(deq).T) + u * np.abs(want)
     assert got.shape == (rows, shape[0]) and np.all(np.abs(got - want) <= bound)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8])
+def test_dense_decode_matmul_on_cuda_is_a_reduction(rows, monkeypatch):
+    """On CUDA a dense weight times <= MATVEC_MAX_ROWS rows lowers to multiply + reduce (no dot:
+    XLA would copy a stacked layer's matrix out for its GEMM), more rows to a dot."""
+    from jax import export
+
+    monkeypatch.setattr(quant, "_cpu_native", lambda w: False)  # as jax.default_backend() != cpu
+    w = quant.F16(shape=(64, 256), w=jnp.ones((64, 256), jnp.float16))
+    x = jax.ShapeDtypeStruct((rows, 256), jnp.bfloat16)
+    f = jax.jit(lambda w, x: w.matmul(x))
+    text = export.export(f, platforms=["cuda"])(w, x).mlir_module()
+    fused = rows <= quant.MATVEC_MAX_ROWS
+    assert ("dot_general" in text) != fused and ("stablehlo.reduce" in text) == fused
 
 
 def test_matmul_bf16_input_keeps_dtype():
