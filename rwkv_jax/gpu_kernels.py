@@ -118,6 +118,7 @@ def matmul(
     block_rows: int | None = None,
     num_warps: int | None = None,
     split: int | None = None,
+    num_stages: int | None = None,
     layer: Array | None = None,
 ) -> Array:
     """x @ W^T for x [..., in] (rows as `supports` says) -> float32 [..., out].
@@ -127,8 +128,8 @@ def matmul(
 
     Up to MAX_ROWS rows: float32 accumulators per row. More: each super-block's values rounded
     to x's dtype (as the XLA path's dequantize-then-dot does) and multiplied on tensor cores with
-    float32 accumulation. block_rows / num_warps / split override the launch shape (tuning:
-    experiments/gpu_matvec.py).
+    float32 accumulation. block_rows / num_warps / split / num_stages override the launch shape
+    (tuning: experiments/gpu_matvec.py).
     """
     out, n_in = weight.shape
     lead = x.shape[:-1]
@@ -153,8 +154,8 @@ def matmul(
     tile = _row_tile(out, block_rows or (MMA_ROWS if mma else None))
     parts = _parts(nb, split or SPLIT)
     shapes, dtypes = tuple(a.shape for a in arrays), tuple(a.dtype for a in arrays)
-    warps = num_warps or NUM_WARPS
-    call = _call(fmt, shapes, dtypes, m, out, nb, tile, parts, warps, mma, stacked, interpret)
+    launch = (tile, parts, num_warps or NUM_WARPS, num_stages or NUM_STAGES)
+    call = _call(fmt, shapes, dtypes, m, out, nb, *launch, mma, stacked, interpret)
     if stacked:
         arrays.insert(0, jnp.asarray(layer, jnp.int32).reshape(1))
     partial = call(*arrays)  # [parts, out, M]
@@ -168,7 +169,7 @@ def _parts(nb: int, split: int) -> int:
 
 
 @functools.cache
-def _call(fmt, shapes, dtypes, m, out, nb, tile, parts, num_warps, mma, stacked, interpret):
+def _call(fmt, shapes, dtypes, m, out, nb, tile, parts, num_warps, stages, mma, stacked, interpret):
     """The pallas_call for one (format, weight shape, M): grid (row tiles, super-block parts).
 
     stacked: the fields are [L, out, nb, *view], passed whole after an int32 [1] layer index;
@@ -246,7 +247,7 @@ def _call(fmt, shapes, dtypes, m, out, nb, tile, parts, num_warps, mma, stacked,
 
         # jax < 0.5 names it TritonCompilerParams
         cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
-        params = cls(num_warps=num_warps, num_stages=NUM_STAGES)
+        params = cls(num_warps=num_warps, num_stages=stages)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((parts, out, m), jnp.float32),
