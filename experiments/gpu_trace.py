@@ -111,7 +111,11 @@ def main() -> None:
         metavar="MIN_ROWS:TILE:WARPS:SPLIT",
         help="override gpu_kernels' launch constants (0 = keep one), e.g. 1:16:4:1",
     )
+    p.add_argument(
+        "--factored", action="store_true", help="gpu_kernels.FACTORED: scales out of the sums"
+    )
     a = p.parse_args()
+    gpu_kernels.FACTORED = gpu_kernels.FACTORED or a.factored
     if a.pallas:  # tuning only: the constants are module globals read at trace time
         names = ("MIN_ROWS", "BLOCK_ROWS", "NUM_WARPS", "SPLIT")
         for name, v in zip(names, map(int, a.pallas.split(":")), strict=True):

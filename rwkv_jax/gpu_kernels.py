@@ -5,8 +5,8 @@ unpack-multiply-reduce matvec, quant._Blocked.matvec_fused) or write a dequantiz
 weight and read it back for a dot (more rows). These kernels unpack each packed byte once, in
 registers, and apply it to every row:
 
-- 1..MAX_ROWS rows: one float32 accumulator per row over the super-block's values,
-  acc[r] += (d*sc[j] * q - dmin*mn[j]) * x[r], reduced across lanes once at the end;
+- 1..MAX_ROWS rows: float32 sums per row and sub-block with the scales factored out,
+  acc[r, j] += d*sc[j] * sum(q * x[r]) - dmin*mn[j] * sum(x[r]) (FACTORED);
 - up to MMA_MAX_ROWS rows of bf16/f16: each super-block's values rounded to x's dtype (as the
   XLA path's dequantize-then-dot rounds them) and multiplied on tensor cores, float32 sums.
 
@@ -29,9 +29,10 @@ One row (B=1 decode) takes them too since the kernels read stacked layers in pla
 generation loop (`python -m experiments.gpu_trace --cases tg:1:128 --pallas 1:0:0:0` against
 the XLA fused matvec) ran 263.0 -> 277.7 and 260.8 -> 274.6 tok/s on two H200s; before, the
 per-layer copies out of the stack made it slower (5.22 ms XLA vs 6.21 ms per step). Per matrix
-they still reach only ~1 TB/s at one row (C x C 4.8 us, C -> F 15 us, H200 trace). Converting
+they still reach only ~1 TB/s at one row (H200 trace, per call: C x C 4.8-5.0 us for 3.7 MB,
+the two 14.7 MB FFN matrices 15.0 us accumulating elementwise, 13.9 us factored). Converting
 the unpacked integers to float32 without the int-to-float instruction (2^23 bit trick) changed
-nothing there, so conversions do not bound them. Tests run the kernels in Pallas' interpreter on
+nothing, so conversions do not bound them. Tests run the kernels in Pallas' interpreter on
 the CPU (`interpret=True`) and check their Triton lowering for CUDA.
 """
 
@@ -64,6 +65,11 @@ BLOCK_ROWS = 32
 NUM_WARPS = 4
 SPLIT = 10
 NUM_STAGES = 2  # Triton software pipelining of the super-block loop
+# float32-accumulator kernels (<= MAX_ROWS rows): True = scales factored out of each sub-block's
+# sum (scale * sum(q x) - offset * sum(x), as llama.cpp's matvecs do: less work per value, one
+# reduction per sub-block); False = value * x accumulated elementwise over the super-block view.
+# H200, generation loop (gpu_trace, one call each): B=1 275.7 -> 282.8, B=4 610.7 -> 689.2 tok/s
+FACTORED = True
 # RWKV_JAX_PALLAS=0 keeps the XLA fused matvec on GPUs (for comparisons and bisecting)
 ENABLED = os.environ.get("RWKV_JAX_PALLAS", "1") != "0"
 
@@ -119,6 +125,7 @@ def matmul(
     num_warps: int | None = None,
     split: int | None = None,
     num_stages: int | None = None,
+    factored: bool | None = None,
     layer: Array | None = None,
 ) -> Array:
     """x @ W^T for x [..., in] (rows as `supports` says) -> float32 [..., out].
@@ -128,8 +135,8 @@ def matmul(
 
     Up to MAX_ROWS rows: float32 accumulators per row. More: each super-block's values rounded
     to x's dtype (as the XLA path's dequantize-then-dot does) and multiplied on tensor cores with
-    float32 accumulation. block_rows / num_warps / split / num_stages override the launch shape
-    (tuning: experiments/gpu_matvec.py).
+    float32 accumulation. block_rows / num_warps / split / num_stages / factored override the
+    launch shape and the accumulation (tuning: experiments/gpu_matvec.py, gpu_trace.py).
     """
     out, n_in = weight.shape
     lead = x.shape[:-1]
@@ -155,7 +162,8 @@ def matmul(
     parts = _parts(nb, split or SPLIT)
     shapes, dtypes = tuple(a.shape for a in arrays), tuple(a.dtype for a in arrays)
     launch = (tile, parts, num_warps or NUM_WARPS, num_stages or NUM_STAGES)
-    call = _call(fmt, shapes, dtypes, m, out, nb, *launch, mma, stacked, interpret)
+    fact = FACTORED if factored is None else factored
+    call = _call(fmt, shapes, dtypes, m, out, nb, *launch, mma, fact, stacked, interpret)
     if stacked:
         arrays.insert(0, jnp.asarray(layer, jnp.int32).reshape(1))
     partial = call(*arrays)  # [parts, out, M]
@@ -169,7 +177,22 @@ def _parts(nb: int, split: int) -> int:
 
 
 @functools.cache
-def _call(fmt, shapes, dtypes, m, out, nb, tile, parts, num_warps, stages, mma, stacked, interpret):
+def _call(
+    fmt,
+    shapes,
+    dtypes,
+    m,
+    out,
+    nb,
+    tile,
+    parts,
+    num_warps,
+    stages,
+    mma,
+    factored,
+    stacked,
+    interpret,
+):
     """The pallas_call for one (format, weight shape, M): grid (row tiles, super-block parts).
 
     stacked: the fields are [L, out, nb, *view], passed whole after an int32 [1] layer index;
@@ -201,6 +224,19 @@ def _call(fmt, shapes, dtypes, m, out, nb, tile, parts, num_warps, stages, mma, 
             accs = tuple(acc + w * x_ref[r, s, k][None] for r, acc in enumerate(accs))
         return accs
 
+    def factored_step(get, s, ins, accs):
+        # per row and sub-block: scale * sum(q x) - offset * sum(x), accumulators [tile, group, 1]
+        *fields, x_ref = ins
+        for k, (q, scale, offset) in enumerate(fmt.parts(get, *fields, s)):
+            new = []
+            for r, acc in enumerate(accs):
+                xk = x_ref[r, s, k]  # [*plane view]
+                qx = jnp.sum(q * xk[None], axis=-1, keepdims=True)
+                xs = jnp.sum(xk, axis=-1, keepdims=True)[None]
+                new.append(acc + scale * qx - offset * xs)
+            accs = tuple(new)
+        return accs
+
     def mma_step(get, s, ins, acc):
         *fields, x_ref = ins
         for k, w in enumerate(fmt.planes(get, *fields, s)):
@@ -225,6 +261,9 @@ def _call(fmt, shapes, dtypes, m, out, nb, tile, parts, num_warps, stages, mma, 
 
         if mma:
             init, step = jnp.zeros((tile, m), jnp.float32), mma_step
+        elif factored:
+            group = (tile, *fmt.plane_view[:-1], 1)
+            init, step = tuple(jnp.zeros(group, jnp.float32) for _ in range(m)), factored_step
         else:
             init = tuple(jnp.zeros((tile, *fmt.plane_view), jnp.float32) for _ in range(m))
             step = vec_step
@@ -265,8 +304,14 @@ def _iota(shape: tuple[int, ...], axis: int) -> Array:
     return lax.broadcasted_iota(jnp.int32, (1, *shape), axis + 1)
 
 
-def _q4_k(get, d_ref, dmin_ref, sc_ref, qs_ref, s) -> list[Array]:
-    """Q4_K super-block s as 2 nibble planes of float32 values [tile, 2, 2, 32].
+def _q4_k(get, *fields) -> list[Array]:
+    """Q4_K super-block s as 2 nibble planes of float32 values [tile, 2, 2, 32] (_q4_k_parts)."""
+    return [scale * q - offset for q, scale, offset in _q4_k_parts(get, *fields)]
+
+
+def _q4_k_parts(get, d_ref, dmin_ref, sc_ref, qs_ref, s) -> list[tuple[Array, Array, Array]]:
+    """Q4_K super-block s as 2 nibble planes (q [tile, 2, 2, 32], scale, offset [tile, 2, 2, 1]):
+    values scale * q - offset.
 
     Value 32*j + l with sub-block j = 2*(2h + p) + nib sits in plane nib at [h, p, l]: the
     nibble of qs byte 64h + 32p + l; scale byte 4k + 2p' + par is sc[k, p', par].
@@ -286,12 +331,23 @@ def _q4_k(get, d_ref, dmin_ref, sc_ref, qs_ref, s) -> list[Array]:
         mn = jnp.where(hi, (c >> 4) | ((b >> 6) << 4), b & 63)
         scale = (d * sc.astype(jnp.float32))[..., None]  # [tile, 2, 2, 1]
         offset = (dmin * mn.astype(jnp.float32))[..., None]
-        planes.append(scale * ((qs >> (4 * nib)) & 0xF).astype(jnp.float32) - offset)
+        planes.append((((qs >> (4 * nib)) & 0xF).astype(jnp.float32), scale, offset))
     return planes
 
 
-def _q6_k(get, ql_ref, qh_ref, sc_ref, d_ref, s) -> list[Array]:
-    """Q6_K super-block s as 2 planes of float32 values [tile, 2, 2, 2, 16].
+def _q6_k(get, *fields) -> list[Array]:
+    """Q6_K super-block s as 2 planes of float32 values [tile, 2, 2, 2, 16] (_q6_k_ints)."""
+    return [scale * (q - 32).astype(jnp.float32) for q, scale in _q6_k_ints(get, *fields)]
+
+
+def _q6_k_parts(get, *fields) -> list[tuple[Array, Array, Array]]:
+    """Q6_K super-block s as 2 planes (q, scale, offset): values scale * q - offset."""
+    return [(q.astype(jnp.float32), sc, 32.0 * sc) for q, sc in _q6_k_ints(get, *fields)]
+
+
+def _q6_k_ints(get, ql_ref, qh_ref, sc_ref, d_ref, s) -> list[tuple[Array, Array]]:
+    """Q6_K super-block s as 2 planes (unsigned q int32 [tile, 2, 2, 2, 16], float32 scale
+    [tile, 2, 2, 2, 1]): values scale * (q - 32).
 
     Value 128h + 32(2n + c) + 16u + t sits in plane n at [h, c, u, t]: ql byte 64h + 32c + 16u
     + t (nibble n), qh byte 32h + 16u + t (bits 2(2n + c)), scale 8h + 2(2n + c) + u.
@@ -304,17 +360,18 @@ def _q6_k(get, ql_ref, qh_ref, sc_ref, d_ref, s) -> list[Array]:
     for n in range(2):
         q = ((ql >> (4 * n)) & 0xF) | (((qh >> (4 * n + c2)) & 3) << 4)
         sc = get(sc_ref, s, slice(None), n).astype(jnp.float32)  # [tile, 2h, 2c, 2u]
-        scale = (d * sc)[..., None]
-        planes.append(scale * (q - 32).astype(jnp.float32))
+        planes.append((q, (d * sc)[..., None]))
     return planes
 
 
 class _Format(NamedTuple):
-    """A kernel's format: name, plane decoder, weight fields with their per-super-block views,
+    """A kernel's format: name, plane decoder (values, or factored: q, scale, offset per plane),
+    weight fields with their per-super-block views,
     x's natural view of a super-block, which axis of it picks the plane, and the plane view."""
 
     name: str
     planes: Callable[..., list[Array]]
+    parts: Callable[..., list[tuple[Array, Array, Array]]]
     fields: tuple[tuple[str, tuple[int, ...]], ...]
     x_view: tuple[int, ...]
     plane_axis: int
@@ -325,6 +382,7 @@ _FORMATS = {
     "Q4_K": _Format(
         "q4_k",
         _q4_k,
+        _q4_k_parts,
         (("d", ()), ("dmin", ()), ("scales", (3, 2, 2)), ("qs", (2, 2, 32))),
         (2, 2, 2, 32),  # x [h, p, nib, l]: value 32*(2*(2h + p) + nib) + l
         2,
@@ -333,6 +391,7 @@ _FORMATS = {
     "Q6_K": _Format(
         "q6_k",
         _q6_k,
+        _q6_k_parts,
         (("ql", (2, 2, 2, 16)), ("qh", (2, 2, 16)), ("scales", (2, 2, 2, 2)), ("d", ())),
         (2, 2, 2, 2, 16),  # x [h, n, c, u, t]: value 128h + 32(2n + c) + 16u + t
         1,

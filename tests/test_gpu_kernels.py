@@ -32,8 +32,11 @@ def _bound_matrix(cls, raw: np.ndarray, shape) -> np.ndarray:
 @pytest.mark.parametrize(
     ("rows", "split", "tile"), [(1, 1, 16), (3, 1, 32), (4, 2, 16), (2, 5, 16)]
 )
-def test_matvec_matches_float64(cls, rows, split, tile):
-    """Kernel vs float64 x @ deq^T, within the float32 summation bound of its own terms."""
+@pytest.mark.parametrize("factored", [False, True], ids=["elementwise", "factored"])
+def test_matvec_matches_float64(cls, rows, split, tile, factored):
+    """Kernel vs float64 x @ deq^T, within the float32 summation bound of its own terms (both
+    accumulations: the factored one never forms a value, so it also differs from ggml's rounded
+    values by <= u |value x| per term — inside the same 2n-term bound)."""
     rng = np.random.default_rng(700 + rows + 10 * split + int(cls.GGML_TYPE))
     shape = (64, 1280)  # 5 super-blocks per row: split 2 falls back to 1, split 5 is one each
     raw = _random_raw(cls, shape, rng)
@@ -41,7 +44,9 @@ def test_matvec_matches_float64(cls, rows, split, tile):
     w = cls.from_raw(raw, shape)
     x = rng.standard_normal((rows, shape[1])).astype(np.float32)
     got = np.asarray(
-        gpu_kernels.matmul(w, jnp.asarray(x), interpret=True, split=split, block_rows=tile)
+        gpu_kernels.matmul(
+            w, jnp.asarray(x), interpret=True, split=split, block_rows=tile, factored=factored
+        )
     )
     want = x.astype(np.float64) @ deq.T
     # float32 products and sums of n terms (two per element for Q4_K's scale and offset parts):
@@ -129,13 +134,16 @@ def test_supports():
 
 
 @pytest.mark.parametrize("cls", KERNEL_FORMATS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize(("rows", "split"), [(1, 1), (3, 4), (8, 4), (64, 1)])
-def test_lowers_to_triton_for_cuda(cls, rows, split):
+@pytest.mark.parametrize(
+    ("rows", "split", "factored"),
+    [(1, 1, 0), (3, 4, 0), (8, 4, 0), (64, 1, 0), (1, 2, 1), (4, 1, 1)],
+)
+def test_lowers_to_triton_for_cuda(cls, rows, split, factored):
     """The kernels pass Pallas' Triton lowering (power-of-two tensors, supported ops) for CUDA."""
     shape = (2560, 1024)
     w = cls.from_raw(_random_raw(cls, shape, np.random.default_rng(7)), shape)
     x = jnp.ones((rows, shape[1]), jnp.bfloat16)
-    f = jax.jit(lambda w, x: gpu_kernels.matmul(w, x, split=split))
+    f = jax.jit(lambda w, x: gpu_kernels.matmul(w, x, split=split, factored=bool(factored)))
     allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     text = export.export(f, platforms=["cuda"], disabled_checks=allow)(w, x).mlir_module()
     assert text.count("__gpu$xla.gpu.triton") == 1
