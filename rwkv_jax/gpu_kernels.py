@@ -32,7 +32,10 @@ per-layer copies out of the stack made it slower (5.22 ms XLA vs 6.21 ms per ste
 they still reach only ~1 TB/s at one row (H200 trace, per call: C x C 4.8-5.0 us for 3.7 MB,
 the two 14.7 MB FFN matrices 15.0 us accumulating elementwise, 13.9 us factored). Converting
 the unpacked integers to float32 without the int-to-float instruction (2^23 bit trick) changed
-nothing, so conversions do not bound them. Tests run the kernels in Pallas' interpreter on
+nothing, so conversions do not bound them. Small launches are what cost: the receptance, key
+and value matvecs of a layer as one launch (`matmul_group`, 11 MB) take 4.9 us against 3 x 5.0
+us apart; generation loop, H200, one call each: B=1 282.9 -> 299.5, B=4 681.9 -> 717.1, B=64
+5171.6 -> 5328.5 tok/s. Tests run the kernels in Pallas' interpreter on
 the CPU (`interpret=True`) and check their Triton lowering for CUDA.
 """
 
@@ -41,7 +44,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -116,59 +119,76 @@ def _tensor_cores(dtype) -> bool:
     return cc >= (8.0 if dtype == jnp.bfloat16 else 7.0)
 
 
-def matmul(
-    weight,
-    x: Array,
+def matmul(weight, x: Array, *, layer: Array | None = None, **launch) -> Array:
+    """x @ W^T for x [..., in] (rows as `supports` says) -> float32 [..., out].
+
+    layer: `weight` is a stack [L, ...] of equal weights and this int32 scalar picks the one to
+    multiply by (read in place, no copy of the layer's fields). launch: see `matmul_group`.
+    """
+    return matmul_group([weight], [x], layer=layer, **launch)[0]
+
+
+def matmul_group(
+    weights: Sequence,
+    xs: Sequence[Array],
     *,
+    layer: Array | None = None,
     interpret: bool = False,
     block_rows: int | None = None,
     num_warps: int | None = None,
     split: int | None = None,
     num_stages: int | None = None,
     factored: bool | None = None,
-    layer: Array | None = None,
-) -> Array:
-    """x @ W^T for x [..., in] (rows as `supports` says) -> float32 [..., out].
-
-    layer: `weight` is a stack [L, ...] of equal weights and this int32 scalar picks the one to
-    multiply by (read in place, no copy of the layer's fields).
+) -> list[Array]:
+    """[x_g @ W_g^T] for G weights of one format and shape and G inputs of one shape, in one
+    launch (the receptance, key and value matrices of a layer: three small launches cost more
+    than one three times the size). Each -> float32 [..., out].
 
     Up to MAX_ROWS rows: float32 accumulators per row. More: each super-block's values rounded
     to x's dtype (as the XLA path's dequantize-then-dot does) and multiplied on tensor cores with
     float32 accumulation. block_rows / num_warps / split / num_stages / factored override the
     launch shape and the accumulation (tuning: experiments/gpu_matvec.py, gpu_trace.py).
     """
-    out, n_in = weight.shape
-    lead = x.shape[:-1]
+    w0, x0 = weights[0], xs[0]
+    if any(type(w) is not type(w0) or w.shape != w0.shape for w in weights) or any(
+        x.shape != x0.shape or x.dtype != x0.dtype for x in xs
+    ):
+        raise ValueError("matmul_group needs weights of one format and shape, inputs of one shape")
+    out, n_in = w0.shape
+    lead = x0.shape[:-1]
     rows = math.prod(lead)
     mma = rows > MAX_ROWS
     m = max(16, _pow2_at_least(rows)) if mma else _pow2_at_least(rows)
     nb = n_in // QK_K
-    fmt = _FORMATS[type(weight).__name__]
+    fmt = _FORMATS[type(w0).__name__]
     stacked = layer is not None
-    xr = x.reshape(rows, n_in)
-    if m != rows:
-        xr = jnp.pad(xr, ((0, m - rows), (0, 0)))
-    # free reshapes to the kernel's power-of-two views: fields [out, nb, ...]
-    lead_w = (-1,) if stacked else ()
-    arrays = [getattr(weight, f).reshape(*lead_w, out, nb, *v) for f, v in fmt.fields]
-    # x plane-major: [M, nb, 2 planes, *plane view] (rows) or [nb, 2, 128, M] (tensor cores)
-    xv = jnp.moveaxis(xr.reshape(m, nb, *fmt.x_view), 2 + fmt.plane_axis, 2)
-    if mma:
-        arrays.append(jnp.moveaxis(xv.reshape(m, nb, 2, QK_K // 2), 0, -1))
-    else:
-        arrays.append(xv.astype(jnp.float32))
+    arrays = []
+    for w, x in zip(weights, xs, strict=True):
+        xr = x.reshape(rows, n_in)
+        if m != rows:
+            xr = jnp.pad(xr, ((0, m - rows), (0, 0)))
+        # free reshapes to the kernel's power-of-two views: fields [out, nb, ...]
+        lead_w = (-1,) if stacked else ()
+        arrays += [getattr(w, f).reshape(*lead_w, out, nb, *v) for f, v in fmt.fields]
+        # x plane-major: [M, nb, 2 planes, *plane view] (rows) or [nb, 2, 128, M] (tensor cores)
+        xv = jnp.moveaxis(xr.reshape(m, nb, *fmt.x_view), 2 + fmt.plane_axis, 2)
+        if mma:
+            arrays.append(jnp.moveaxis(xv.reshape(m, nb, 2, QK_K // 2), 0, -1))
+        else:
+            arrays.append(xv.astype(jnp.float32))
     tile = _row_tile(out, block_rows or (MMA_ROWS if mma else None))
     parts = _parts(nb, split or SPLIT)
-    shapes, dtypes = tuple(a.shape for a in arrays), tuple(a.dtype for a in arrays)
+    per_group = len(fmt.fields) + 1
+    shapes, dtypes = tuple(a.shape for a in arrays[:per_group]), tuple(a.dtype for a in arrays)
     launch = (tile, parts, num_warps or NUM_WARPS, num_stages or NUM_STAGES)
     fact = FACTORED if factored is None else factored
-    call = _call(fmt, shapes, dtypes, m, out, nb, *launch, mma, fact, stacked, interpret)
+    groups = len(weights)
+    call = _call(fmt, shapes, dtypes, m, out, nb, *launch, mma, fact, stacked, groups, interpret)
     if stacked:
         arrays.insert(0, jnp.asarray(layer, jnp.int32).reshape(1))
-    partial = call(*arrays)  # [parts, out, M]
-    y = (partial[0] if parts == 1 else jnp.sum(partial, axis=0)).T[:rows]  # [rows, out]
-    return y.reshape(*lead, out)
+    partial = call(*arrays)  # [G, parts, out, M]
+    y = partial[:, 0] if parts == 1 else jnp.sum(partial, axis=1)  # [G, out, M]
+    return [y[g].T[:rows].reshape(*lead, out) for g in range(groups)]
 
 
 def _parts(nb: int, split: int) -> int:
@@ -191,30 +211,34 @@ def _call(
     mma,
     factored,
     stacked,
+    groups,
     interpret,
 ):
-    """The pallas_call for one (format, weight shape, M): grid (row tiles, super-block parts).
+    """The pallas_call for `groups` (format, weight shape, M) products: grid (groups x row tiles,
+    super-block parts); shapes are one group's operands (fields, then x).
 
     stacked: the fields are [L, out, nb, *view], passed whole after an int32 [1] layer index;
     the kernel offsets its loads by (layer, row tile, part) itself."""
     per = nb // parts  # super-blocks per program
     n_fields = len(fmt.fields)
+    tiles = out // tile  # row tiles per group: program i works on group i // tiles
 
     def field_spec(shape):
         if stacked:  # the whole stack; loads index it (see `get` in the kernel)
             return pl.BlockSpec(shape, lambda i, k: (0,) * len(shape))
         # [out, nb, *view] -> block [tile, per, *view]
         zeros = (0,) * (len(shape) - 2)
-        return pl.BlockSpec((tile, per, *shape[2:]), lambda i, k: (i, k, *zeros))
+        return pl.BlockSpec((tile, per, *shape[2:]), lambda i, k: (i % tiles, k, *zeros))
 
-    in_specs = [field_spec(s) for s in shapes[:n_fields]]
-    if stacked:
-        in_specs.insert(0, pl.BlockSpec((1,), lambda i, k: (0,)))
+    group_specs = [field_spec(s) for s in shapes[:n_fields]]
     if mma:  # x [nb, 2, 128, M]
-        in_specs.append(pl.BlockSpec((per, 2, QK_K // 2, m), lambda i, k: (k, 0, 0, 0)))
+        group_specs.append(pl.BlockSpec((per, 2, QK_K // 2, m), lambda i, k: (k, 0, 0, 0)))
     else:  # x [M, nb, 2, *plane view]
         zeros = (0,) * (len(shapes[-1]) - 2)
-        in_specs.append(pl.BlockSpec((m, per, *shapes[-1][2:]), lambda i, k: (0, k, *zeros)))
+        group_specs.append(pl.BlockSpec((m, per, *shapes[-1][2:]), lambda i, k: (0, k, *zeros)))
+    in_specs = group_specs * groups
+    if stacked:
+        in_specs.insert(0, pl.BlockSpec((1,), lambda i, k: (0,)))
 
     def vec_step(get, s, ins, accs):
         # one float32 accumulator per activation row, elementwise over the plane view: the
@@ -249,7 +273,8 @@ def _call(
         if stacked:  # field refs are whole stacks: this program's tile of layer `idx`
             idx_ref, *ins = ins
             layer = idx_ref[0]
-            rows = pl.ds(pl.multiple_of(pl.program_id(0) * tile, tile), tile)
+            row_tile = pl.program_id(0) % tiles if groups > 1 else pl.program_id(0)
+            rows = pl.ds(pl.multiple_of(row_tile * tile, tile), tile)
             k0 = pl.program_id(1) * per
 
             def get(ref, s, *rest):
@@ -259,6 +284,16 @@ def _call(
             def get(ref, s, *rest):
                 return ref[(slice(None), s, *rest)]
 
+        if groups == 1:
+            return product(get, ins, o_ref)
+        n = n_fields + 1
+        for g in range(groups):  # one branch runs: this program's group
+            pl.when(pl.program_id(0) // tiles == g)(
+                functools.partial(product, get, ins[g * n : (g + 1) * n], o_ref)
+            )
+
+    def product(get, ins, o_ref):
+        # this program's [tile, M] partial product of one group
         if mma:
             init, step = jnp.zeros((tile, m), jnp.float32), mma_step
         elif factored:
@@ -289,10 +324,10 @@ def _call(
         params = cls(num_warps=num_warps, num_stages=stages)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((parts, out, m), jnp.float32),
-        grid=(out // tile, parts),
+        out_shape=jax.ShapeDtypeStruct((groups, parts, out, m), jnp.float32),
+        grid=(groups * tiles, parts),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, tile, m), lambda i, k: (k, i, 0)),
+        out_specs=pl.BlockSpec((None, None, tile, m), lambda i, k: (i // tiles, k, i % tiles, 0)),
         compiler_params=params,
         interpret=interpret,
         name=f"rwkv_jax_{fmt.name}_{'mma' if mma else 'matvec'}",

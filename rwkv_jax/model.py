@@ -95,6 +95,12 @@ def matmul(w: quant.Weight, x: Array, dtype) -> Array:
     return w.matmul(x.astype(dtype)).astype(jnp.float32)
 
 
+def matmuls(pairs: list[tuple[quant.Weight, Array]], dtype) -> list[Array]:
+    """matmul() of each (W, x); on NVIDIA GPUs those of one format and shape in one launch."""
+    ys = quant.matmul_group([(w, x.astype(dtype)) for w, x in pairs])
+    return [y.astype(jnp.float32) for y in ys]
+
+
 def lora(x: Array, down: quant.Weight, up: quant.Weight, dtype, act=None) -> Array:
     """(x·down)·up with an optional nonlinearity in between (BlinkDL's row-vector notation)."""
     h = matmul(down, x, dtype)
@@ -120,9 +126,7 @@ def time_mix(
     d, att_shift = token_shift(u, st.att_shift, lengths)
     xr, xw, xk, xv, xa, xg = (u + d * lead(blk.x_rwkvag[i], 3) for i in range(6))
 
-    r = matmul(blk.receptance, xr, dtype)
-    k = matmul(blk.key, xk, dtype)
-    v = matmul(blk.value, xv, dtype)
+    r, k, v = matmuls([(blk.receptance, xr), (blk.key, xk), (blk.value, xv)], dtype)
     z = lead(blk.w0, 3) + lora(xw, blk.w1, blk.w2, dtype, jnp.tanh)  # decay pre-activation
     log_decay = -DECAY_SCALE * jax.nn.sigmoid(z)  # ld in (-0.6065, 0)
     a = jax.nn.sigmoid(

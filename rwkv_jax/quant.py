@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Sequence
 from typing import ClassVar, TypeVar, final
 
 import equinox as eqx
@@ -272,6 +273,47 @@ class LayerOf(eqx.Module):
     def matmul(self, x: Array) -> Array:
         """x @ W_index^T, as the unstacked layer's matmul computes it."""
         return self.layer.matmul(x, of=self)
+
+
+def matmul_group(pairs: Sequence[tuple[Weight | LayerOf, Array]]) -> list[Array]:
+    """[x @ W^T for (W, x) in pairs], each in its x's dtype.
+
+    On NVIDIA GPUs matrices of one Pallas format and shape (the receptance, key and value of a
+    layer), with inputs of one shape, run in one launch (gpu_kernels.matmul_group): each C x C
+    matvec is too small to keep the GPU's memory busy alone. Anything else, and every other
+    backend, takes one `matmul` per pair.
+    """
+    ws, xs = [w for w, _ in pairs], [x for _, x in pairs]
+
+    def separate(*xs):
+        return tuple(w.matmul(x) for w, x in zip(ws, xs, strict=True))
+
+    stacked = isinstance(ws[0], LayerOf)
+    layers = [w.layer if isinstance(w, LayerOf) else w for w in ws]
+    w0, x0 = layers[0], xs[0]
+    alike = (
+        len(pairs) > 1
+        and all(type(w) is type(w0) and w.shape == w0.shape for w in layers)
+        and all(isinstance(w, LayerOf) == stacked for w in ws)
+        and (not stacked or all(w.index is ws[0].index for w in ws))  # type: ignore[union-attr]
+        and all(x.shape == x0.shape and x.dtype == x0.dtype for x in xs)
+    )
+    rows = math.prod(x0.shape[:-1])
+    if (
+        not alike
+        or _cpu_native(w0)
+        or backends.current_profile().matvec == "fused"  # Metal: the program it compiles
+        or not gpu_kernels.supports(w0, rows, x0.dtype)
+    ):
+        return list(separate(*xs))
+    operands = [w.stack for w in ws] if stacked else layers  # type: ignore[union-attr]
+    index = ws[0].index if stacked else None  # type: ignore[union-attr]
+
+    def grouped(*xs):
+        ys = gpu_kernels.matmul_group(operands, xs, layer=index)
+        return tuple(y.astype(x.dtype) for y, x in zip(ys, xs, strict=True))
+
+    return list(lax.platform_dependent(*xs, cuda=grouped, default=separate))
 
 
 def _cpu_native(w: Weight) -> bool:

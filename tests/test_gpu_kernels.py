@@ -84,6 +84,47 @@ def test_mma_matches_rounded_weights(cls, rows, split):
     assert np.median(rel) < 1e-5
 
 
+@pytest.mark.parametrize("cls", KERNEL_FORMATS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(("rows", "stacked"), [(1, True), (3, False), (16, True), (8, False)])
+def test_group_equals_separate_products(cls, rows, stacked):
+    """Three products in one launch (matmul_group) give exactly the three separate launches'
+    results: each program runs one group's loads and arithmetic."""
+    rng = np.random.default_rng(950 + rows + int(stacked) + int(cls.GGML_TYPE))
+    shape = (48, 768)  # 16-row tiles, 3 row tiles per group
+    dtype = jnp.bfloat16 if rows > gpu_kernels.MAX_ROWS else jnp.float32
+    xs = [jnp.asarray(rng.standard_normal((rows, shape[1])), dtype) for _ in range(3)]
+    if stacked:  # layer 1 of three stacks of two layers each
+        stacks = [
+            quant.stack([cls.from_raw(_random_raw(cls, shape, rng), shape) for _ in range(2)])
+            for _ in range(3)
+        ]
+        layer = jnp.int32(1)
+        got = gpu_kernels.matmul_group(stacks, xs, layer=layer, interpret=True, split=2)
+        want = [
+            gpu_kernels.matmul(w, x, layer=layer, interpret=True, split=2)
+            for w, x in zip(stacks, xs, strict=True)
+        ]
+    else:
+        ws = [cls.from_raw(_random_raw(cls, shape, rng), shape) for _ in range(3)]
+        got = gpu_kernels.matmul_group(ws, xs, interpret=True, split=2)
+        want = [
+            gpu_kernels.matmul(w, x, interpret=True, split=2) for w, x in zip(ws, xs, strict=True)
+        ]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert not np.array_equal(np.asarray(got[0]), np.asarray(got[1]))  # groups kept apart
+
+
+def test_group_needs_one_format_and_shape():
+    """A group mixing shapes (or formats) is refused, not silently mis-read."""
+    rng = np.random.default_rng(12)
+    a = quant.Q4_K.from_raw(_random_raw(quant.Q4_K, (32, 256), rng), (32, 256))
+    b = quant.Q4_K.from_raw(_random_raw(quant.Q4_K, (64, 256), rng), (64, 256))
+    x = jnp.ones((1, 256), jnp.float32)
+    with pytest.raises(ValueError, match="one format and shape"):
+        gpu_kernels.matmul_group([a, b], [x, x], interpret=True)
+
+
 def test_matvec_keeps_leading_axes_and_row_tiles():
     """[B, T, in] activations come back [B, T, out]; out = 48 takes 16-row tiles."""
     rng = np.random.default_rng(5)
@@ -200,6 +241,39 @@ def test_layer_of_takes_the_stacked_kernel_on_cuda(monkeypatch):
     got = f(stack, jnp.int32(1), x)
     want = jax.jit(lambda w, x: w.matmul(x))(ws[1], x)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_quant_group_is_one_launch_on_cuda(monkeypatch):
+    """quant.matmul_group: three alike LayerOf matrices lower to one Triton call for CUDA (three
+    calls when one differs in shape: then each pair takes its own); off CUDA it is the separate
+    matmuls, bit for bit."""
+    monkeypatch.setattr(quant, "_cpu_native", lambda w: False)  # as jax.default_backend() != cpu
+    rng = np.random.default_rng(13)
+
+    def stack(shape):
+        return quant.stack(
+            [quant.Q4_K.from_raw(_random_raw(quant.Q4_K, shape, rng), shape) for _ in range(2)]
+        )
+
+    x = jnp.asarray(rng.standard_normal((1, 512)), jnp.float32)
+    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    for shapes, calls in [([(64, 512)] * 3, 1), ([(64, 512), (64, 512), (32, 512)], 3)]:
+        stacks = [stack(s) for s in shapes]
+
+        def f(stacks, i, x):
+            of = [quant.LayerOf(jax.tree.map(lambda a: a[i], w), w, i) for w in stacks]
+            return quant.matmul_group([(w, x) for w in of])
+
+        text = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=allow)(
+            stacks, jnp.int32(1), x
+        )
+        assert text.mlir_module().count("__gpu$xla.gpu.triton") == calls
+        got = jax.jit(f)(stacks, jnp.int32(1), x)
+        want = [
+            jax.jit(lambda w, x: w.matmul(x))(jax.tree.map(lambda a: a[1], w), x) for w in stacks
+        ]
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
 def test_tensor_core_path_needs_a_capable_card(monkeypatch):
