@@ -33,10 +33,10 @@ they still reach only ~1 TB/s at one row (H200 trace, per call: C x C 4.8-5.0 us
 the two 14.7 MB FFN matrices 15.0 us accumulating elementwise, 13.9 us factored). Converting
 the unpacked integers to float32 without the int-to-float instruction (2^23 bit trick) changed
 nothing, so conversions do not bound them. Small launches are what cost: the receptance, key
-and value matvecs of a layer as one launch (`matmul_group`, 11 MB) take 4.9 us against 3 x 5.0
+and value matvecs of a layer as one launch (`matmul_group`, 11 MB) take ~4.9 us against 3 x 5.0
 us apart; generation loop, H200, one call each: B=1 282.9 -> 299.5, B=4 681.9 -> 717.1, B=64
-5171.6 -> 5328.5 tok/s. Tests run the kernels in Pallas' interpreter on
-the CPU (`interpret=True`) and check their Triton lowering for CUDA.
+5171.6 -> 5328.5 tok/s. Tests run the kernels in Pallas' interpreter on the CPU
+(`interpret=True`) and check their Triton lowering for CUDA.
 """
 
 from __future__ import annotations
