@@ -346,7 +346,12 @@ class _Dense(Weight):
         (the dot rounds them to x's dtype first).
         """
         rows = math.prod(x.shape[:-1])
-        if _cpu_native(self) or rows > MATVEC_MAX_ROWS:
+        # Metal (matvec "fused"): the dot, in a program without a conditional
+        if (
+            _cpu_native(self)
+            or rows > MATVEC_MAX_ROWS
+            or backends.current_profile().matvec == "fused"
+        ):
             return super().matmul(x, of)
         dot = super()._matmul_xla
         # lambdas: platform_dependent hashes its branches, and a Module holding tracers is not
