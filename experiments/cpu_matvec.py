@@ -1,6 +1,6 @@
 """CPU matmul microbenchmark: XLA (Weight.matmul) vs the native FFI kernel (cpu_kernels).
 
-Run:  python -m experiments.cpu_matvec [--reps 5] [--rows 1 16] [--no-sweep]
+Run:  python -m experiments.cpu_matvec [--reps 5] [--rows 1 16] [--no-sweep] [--dtype bfloat16]
 
 Shapes are the 0.1b model's (C = 768, F = 3072, vocab 65536) with random packed bytes (finite
 scales): per layer four C x C matrices (r, k, v, o), C -> F and F -> C, all Q4_K, plus the
@@ -8,7 +8,8 @@ Q6_K head. Each timing is one jitted call that multiplies by K *distinct* weight
 a chain (each input depends on the previous output), so XLA cannot hoist a loop-invariant
 dequantization, dispatch is amortised as in the decode step, and weights come from memory
 rather than a hot cache, as they do per token (K x size >= 64 MB where memory allows). Best of
-`--reps`; GB/s counts the packed weight bytes read per matmul.
+`--reps`; GB/s counts the packed weight bytes read per matmul. `--dtype bfloat16` times the
+bfloat16 path (activations in bfloat16, weights rounded to bfloat16: vdpbf16ps with avx512_bf16).
 
 The per-token estimate sums 12 x (4 C x C + C->F + F->C) + head from the table; the sweep then
 measures exactly that sequence (73 distinct matrices, 89 MB) in one jit, at 1 activation row.
@@ -52,8 +53,9 @@ def random_weight(cls: type[quant.Weight], shape: tuple[int, int], seed: int) ->
 
 
 def xla_matmul(w: quant.Weight, x: jax.Array) -> jax.Array:
-    """The XLA path the CPU takes without the native kernels (float32 result)."""
-    return w.matmul(x).astype(jnp.float32)
+    """The XLA path the CPU takes without the native kernels (float32 result); Weight.matmul
+    itself would take the native kernels here."""
+    return w._matmul_xla(x).astype(jnp.float32)
 
 
 def native_matmul(w: quant.Weight, x: jax.Array) -> jax.Array:
@@ -65,7 +67,7 @@ def chain(fn, weights: list[quant.Weight], x: jax.Array) -> jax.Array:
     """Multiply by each weight in turn; the next input depends on the last output."""
     for w in weights:
         y = fn(w, x)  # [M, out]
-        x = x + 1e-3 * jnp.mean(y, axis=-1, keepdims=True)  # [M, in]
+        x = (x + 1e-3 * jnp.mean(y, axis=-1, keepdims=True)).astype(x.dtype)  # [M, in]
     return x
 
 
@@ -82,11 +84,12 @@ def best_time(run, *args, reps: int) -> float:
 
 def sweep(fn, layers, head, x: jax.Array) -> jax.Array:
     """One token's matmuls in model order: per layer r, k, v, o, ffn key -> value; the head."""
+    dt = x.dtype
     for mats in layers:
         for w in mats[:4]:
-            x = x + 1e-3 * fn(w, x)  # [M, C]
-        h = fn(mats[4], x)  # [M, F]
-        x = x + 1e-3 * fn(mats[5], h)
+            x = (x + 1e-3 * fn(w, x)).astype(dt)  # [M, C]
+        h = fn(mats[4], x).astype(dt)  # [M, F]
+        x = (x + 1e-3 * fn(mats[5], h)).astype(dt)
     return fn(head, x)  # [M, V]
 
 
@@ -98,6 +101,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 128], help="activation rows M")
     ap.add_argument("--no-xla", action="store_true", help="time only the native kernel")
     ap.add_argument("--no-sweep", action="store_true", help="skip the 73-matrix sweep")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -106,7 +110,7 @@ def main() -> None:
         f"native: {cpu_kernels.reason()} ({cpu_kernels.info()}); first use took "
         f"{time.perf_counter() - t0:.1f} s (compile {cpu_kernels.build_seconds():.1f} s)"
     )
-    print(f"jax {jax.__version__}, devices {jax.devices()}")
+    print(f"jax {jax.__version__}, devices {jax.devices()}, activations {args.dtype}")
     paths = [] if args.no_xla else [("xla", xla_matmul)]
     paths += [("native", native_matmul)] if ok else []
     rng = np.random.default_rng(0)
@@ -119,7 +123,7 @@ def main() -> None:
         k = int(np.clip(CHAIN_BYTES // size, 2, 16))
         weights = [random_weight(cls, shape, seed=100 * i + j) for j in range(k)]
         for m in args.rows:
-            x = jnp.asarray(rng.standard_normal((m, shape[1])), jnp.float32)
+            x = jnp.asarray(rng.standard_normal((m, shape[1])), args.dtype)
             base = None
             for name, fn in paths:
                 run = jax.jit(lambda ws, x, fn=fn: chain(fn, ws, x))
@@ -147,7 +151,7 @@ def main() -> None:
         head = random_weight(quant.Q6_K, (VOCAB, C), seed=999)
         nbytes = sum(w.nbytes for mats in layers for w in mats) + head.nbytes
         print(f"\nMeasured: the 73 matmuls of one token in one jit ({nbytes / 1e6:.0f} MB), M=1")
-        x = jnp.asarray(rng.standard_normal((1, C)), jnp.float32)
+        x = jnp.asarray(rng.standard_normal((1, C)), args.dtype)
         for name, fn in paths:
             run = jax.jit(lambda layers, head, x, fn=fn: sweep(fn, layers, head, x))
             s = best_time(run, layers, head, x, reps=max(2, args.reps // 2))

@@ -6,7 +6,11 @@ to exactly ggml's float32 values in registers and accumulates `x · Wᵀ` in flo
 quantized), on a small thread pool (Q4_K at one row, AVX-512: each sub-block's scale and min
 factored out of its sum, the same weight values with another rounding). From 8 activation rows
 (prefill) the blocks are unpacked once into float32 tiles and multiplied by a register-blocked
-microkernel (`info()` names the thresholds). The source is compiled with the system C++
+microkernel (`info()` names the thresholds). bfloat16 activations take the bfloat16 targets:
+the weights rounded to bfloat16 as XLA's bfloat16 path rounds them, multiplied with vdpbf16ps
+where the CPU has avx512_bf16 (`info()`: bf16=avx512_bf16) and by the float32 kernels on the
+rounded values elsewhere (bf16=portable; the same products, another summation order). The
+source is compiled with the system C++
 compiler on first use into a cache keyed by source, compiler, flags, JAX version and CPU, then
 registered with `jax.ffi`. Without a compiler or a usable `jax.ffi`, `available()` is False,
 `reason()` says why, and callers keep the XLA path (same numbers, slower). `RWKV_JAX_NATIVE=0`
@@ -42,7 +46,8 @@ Array = jax.Array
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "qmatvec.cc"
-TARGET_PREFIX = "rwkv_jax_qmatvec_"  # FFI target name = prefix + format name
+TARGET_PREFIX = "rwkv_jax_qmatvec_"  # FFI target name = prefix + format name (float32 x)
+TARGET_PREFIX_BF16 = "rwkv_jax_qmatvec_bf16_"  # the same for bfloat16 x
 
 # Per format: the weight's array fields in the order the C++ handler takes them, each with its
 # dtype and per-block trailing shape (fields are [out, nb, *trail]; dense `w` is [out, in]).
@@ -229,14 +234,23 @@ def _load() -> _Native:
         path, build_s = _build(ffi)
         lib = ctypes.CDLL(str(path))
         for fmt in FIELDS:
-            fn = getattr(lib, f"rwkv_qmatvec_{fmt}")
-            ffi.register_ffi_target(TARGET_PREFIX + fmt, ffi.pycapsule(fn), platform="cpu")
+            for prefix, sym in (
+                (TARGET_PREFIX, "rwkv_qmatvec_"),
+                (TARGET_PREFIX_BF16, "rwkv_qmatvec_bf16_"),
+            ):
+                fn = getattr(lib, sym + fmt)
+                ffi.register_ffi_target(prefix + fmt, ffi.pycapsule(fn), platform="cpu")
         lib.rwkv_qmatvec_info.restype = ctypes.c_char_p
         # (format, x, field pointers, M, in, out, y) -> 0: the kernels without XLA (profiling)
         direct = lib.rwkv_qmatvec_direct
         direct.restype = ctypes.c_int
         direct.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p]
         direct.argtypes += [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+        # (format, x kind 0 f32 / 1 bf16 / 2 bf16 portable, x, fields, M, in, out, y) -> 0
+        direct_x = lib.rwkv_qmatvec_direct_x
+        direct_x.restype = ctypes.c_int
+        direct_x.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        direct_x.argtypes += [ctypes.c_int64] * 3 + [ctypes.c_void_p]
         info = lib.rwkv_qmatvec_info().decode()
     except (RwkvJaxError, OSError, subprocess.SubprocessError, AttributeError) as e:
         return _Native(None, f"native CPU kernels unavailable: {e}")
@@ -328,7 +342,13 @@ def supports(weight, *, stacked: bool = False) -> bool:
 
 
 def matmul(weight, x: Array, index: Array | int | None = None) -> Array:
-    """x @ Wᵀ for x [..., in] (cast to float32) -> float32 [..., out], jit-traceable.
+    """x @ Wᵀ for x [..., in] -> float32 [..., out], jit-traceable.
+
+    A bfloat16 x gives XLA's bfloat16 product: the weight values rounded to bfloat16
+    (round-to-nearest-even, as `dequantize(bfloat16)`) times x, accumulated in float32
+    (vdpbf16ps where the CPU has avx512_bf16; elsewhere the float32 kernels on the rounded
+    values, the same products summed in another order). Any other x is cast to float32 and
+    multiplied by the exact weight values.
 
     With `index`, `weight` is a stack of L weights and W = weight[index] (clamped to
     [0, L-1] like a dynamic slice); the kernel reads the stack in place, where slicing it first
@@ -350,18 +370,21 @@ def matmul(weight, x: Array, index: Array | int | None = None) -> Array:
     m = math.prod(lead)
     if m == 0:
         return jnp.zeros((*lead, out), jnp.float32)
-    x2 = x.reshape(m, n_in).astype(jnp.float32)  # [M, in]
+    bf16 = x.dtype == jnp.bfloat16
+    x2 = x.reshape(m, n_in)  # [M, in]
+    x2 = x2 if bf16 else x2.astype(jnp.float32)
     layer = jnp.asarray(0 if index is None else index, jnp.int32).reshape(())
     fields = [getattr(weight, name) for name, _, _ in FIELDS[fmt]]
-    y = _call(fmt, m, out)(x2, layer, *fields)  # [M, out]
+    y = _call(fmt, m, out, bf16)(x2, layer, *fields)  # [M, out]
     return y.reshape(*lead, out)
 
 
-def _call(fmt: str, m: int, out: int):
-    """The ffi_call for one format and result shape."""
+def _call(fmt: str, m: int, out: int, bf16: bool = False):
+    """The ffi_call for one format, activation dtype (bfloat16 or float32) and result shape."""
     ffi = _ffi()
     result = jax.ShapeDtypeStruct((m, out), jnp.float32)
     kwargs = {}
     if "vmap_method" in inspect.signature(ffi.ffi_call).parameters:
         kwargs["vmap_method"] = "sequential"  # a vmapped weight or x: one call per slice
-    return ffi.ffi_call(TARGET_PREFIX + fmt, result, **kwargs)
+    prefix = TARGET_PREFIX_BF16 if bf16 else TARGET_PREFIX
+    return ffi.ffi_call(prefix + fmt, result, **kwargs)

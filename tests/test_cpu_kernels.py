@@ -205,11 +205,11 @@ def test_tiled_path_long_rows(cls, n_in, rows):
 
 @native
 def test_leading_axes_dtype_and_platform_dependent():
-    """x [2, 3, in] in bfloat16 -> float32 [2, 3, out]; works as the cpu branch of
-    lax.platform_dependent inside jit, as Weight.matmul will call it."""
+    """x [2, 3, in] in float16 -> float32 [2, 3, out] (x widened, exact weights); works as the
+    cpu branch of lax.platform_dependent inside jit, as Weight.matmul will call it."""
     shape = _shape(quant.Q4_K, 40)
     w, deq = _weight(quant.Q4_K, shape, seed=3)
-    x = np.random.default_rng(0).standard_normal((2, 3, shape[1])).astype(ml_dtypes.bfloat16)
+    x = np.random.default_rng(0).standard_normal((2, 3, shape[1])).astype(np.float16)
 
     @jax.jit
     def f(w, x):
@@ -312,3 +312,196 @@ def test_direct_entry_point_matches_ffi():
     rc = lib.rwkv_qmatvec_direct(b"Q6_K", x.ctypes.data, ptrs, 3, shape[1], shape[0], y.ctypes.data)
     assert rc == 0
     np.testing.assert_array_equal(y, _matmul(w, x))
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16 activations: y = bf16(x) @ bf16(W)ᵀ accumulated in float32, W rounded to bfloat16 as
+# XLA's dequantize(bfloat16) does (avx512_bf16: vdpbf16ps; elsewhere / `portable`: the float32
+# kernels on the rounded values).
+
+
+def _bf16(a) -> np.ndarray:
+    """Round to bfloat16 (round-to-nearest-even, as XLA's convert), back as float64."""
+    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def _assert_bf16_dot_close(got, xb: np.ndarray, deq: np.ndarray) -> None:
+    """got = xb @ bf16(deq).T within the float32 summation bound.
+
+    Each product of two bfloat16 values (8 significant bits each) is exact in float32 (16 <= 24
+    bits), whether vdpbf16ps or an FMA forms it, so only the n additions round: any order has
+    |err| <= gamma_n * sum|x_i w_i| (Higham, Thm 3.1), plus the final rounding u|y|. vdpbf16ps
+    also treats subnormal inputs and results as zero; the data here (normal(0, 1) activations,
+    |weights| >= ~1e-8) has none. A kernel using the unrounded float32 weights misses this
+    reference by ~2^-9 |x||w| per term, far outside the bound (see test_bf16_rounding_is_exact).
+    """
+    w = _bf16(deq)
+    x = np.asarray(xb, np.float64)
+    want = x @ w.T
+    n, u = x.shape[-1], 2.0**-24
+    bound = n * u / (1 - n * u) * (np.abs(x) @ np.abs(w).T) + u * np.abs(want)
+    got = np.asarray(got)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    bad = ~(np.abs(got - want) <= bound)
+    assert not bad.any(), f"{bad.sum()} outside the bound, first at {np.argwhere(bad)[0]}"
+
+
+def _x_bf16(rows: int, n_in: int, seed: int) -> np.ndarray:
+    """Activations [rows, n_in] as ml_dtypes.bfloat16."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((rows, n_in)).astype(ml_dtypes.bfloat16)
+
+
+def _direct(w: quant.Weight, x: np.ndarray, x_kind: int) -> np.ndarray:
+    """rwkv_qmatvec_direct_x: the kernels without XLA; x_kind 0 float32, 1 bfloat16 (this
+    build's path), 2 bfloat16 on the portable path."""
+    import ctypes
+
+    fmt = w.format_name
+    fields = [np.ascontiguousarray(getattr(w, n)) for n, _, _ in cpu_kernels.FIELDS[fmt]]
+    ptrs = (ctypes.c_void_p * len(fields))(*[f.ctypes.data for f in fields])
+    x = np.ascontiguousarray(x if x_kind == 0 else x.view(np.uint16))
+    m, n_in = x.shape
+    y = np.full((m, w.shape[0]), np.nan, np.float32)
+    lib = cpu_kernels._state().lib
+    rc = lib.rwkv_qmatvec_direct_x(
+        fmt.encode(), x_kind, x.ctypes.data, ptrs, m, n_in, w.shape[0], y.ctypes.data
+    )
+    assert rc == 0
+    return y
+
+
+@native
+@pytest.mark.parametrize("cls", FORMATS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("rows", [1, 2, 5, 13])
+def test_bf16_matmul_matches_numpy(cls, rows):
+    """Every format through the bfloat16 FFI target: 1, 2, 5 rows (the few-row kernels: 1-4
+    rows per pass, 5 = 4 + 1) and 13 (the tiled path with edge blocks; out = 37). Dense
+    formats: in = 96 (runs paired across blocks; tiles) at odd row counts, in = 71 (the
+    portable path: in % 32 != 0) at 2 rows."""
+    shape = _shape(cls)
+    n_in = 96 if cls in DENSE and rows % 2 else shape[1]
+    w, deq = _weight(cls, (shape[0], n_in), seed=90 + int(cls.GGML_TYPE))
+    x = _x_bf16(rows, n_in, seed=rows)
+    got = _matmul(w, jnp.asarray(x))
+    _assert_bf16_dot_close(got, x, deq)
+
+
+@native
+@pytest.mark.parametrize("cls", FORMATS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("rows", [1, 3, 12])
+def test_bf16_portable_path_matches_numpy(cls, rows):
+    """The portable bfloat16 path (what builds without avx512_bf16 run: the float32 kernels on
+    the rounded weights), forced through the direct entry point, obeys the same bound."""
+    shape = _shape(cls)
+    w, deq = _weight(cls, shape, seed=110 + int(cls.GGML_TYPE))
+    x = _x_bf16(rows, shape[1], seed=20 + rows)
+    _assert_bf16_dot_close(_direct(w, x, 2), x, deq)
+    _assert_bf16_dot_close(_direct(w, x, 1), x, deq)  # and this build's path, unjitted
+
+
+@native
+@pytest.mark.parametrize("cls", FORMATS, ids=lambda c: c.__name__)
+def test_bf16_rounding_is_exact(cls):
+    """Identity activations give y = bf16(W)ᵀ bit for bit on both the tiled path (x = I, M = in)
+    and the few-row path (4 identity rows per call): the weights are ggml's float32 values
+    rounded to nearest even, exactly as XLA's dequantize(bfloat16). One nonzero product per
+    output, so any other rounding (or none) shows."""
+    out, n_in = _shape(cls, 21)
+    n_in = 96 if cls in DENSE else n_in
+    w, deq = _weight(cls, (out, n_in), seed=130 + int(cls.GGML_TYPE))
+    want = _bf16(deq).T.astype(np.float32)  # [in, out]
+    # the XLA bfloat16 dequantization agrees with this rounding (the reference the engine uses)
+    np.testing.assert_array_equal(np.asarray(w.dequantize(jnp.bfloat16), np.float32).T, want)
+    eye = np.eye(n_in, dtype=ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(np.asarray(_matmul(w, jnp.asarray(eye))), want)
+    rows = np.concatenate([_direct(w, eye[k : k + 4], 1) for k in range(0, n_in, 4)])
+    np.testing.assert_array_equal(rows, want)
+
+
+@native
+@pytest.mark.parametrize(
+    "cls, n_in, rows",
+    [
+        (quant.Q4_K, 2048, 8),  # bfloat16 rows 4 KiB apart: copied to padded rows first
+        (quant.Q4_K, 256 * 17, 9),  # in > tile_kc: partial sums carried between input blocks
+        (quant.Q6_K, 256 * 17, 16),
+        (quant.F32, 4096 + 1024, 12),  # dense: tiles of rounded values, two input blocks
+    ],
+)
+def test_bf16_tiled_long_rows(cls, n_in, rows):
+    """Long weight rows on the bfloat16 tiled path: padded rows, several input blocks."""
+    assert n_in > _info_int("tile_kc") or n_in % 2048 == 0
+    w, deq = _weight(cls, (20, n_in), seed=n_in + 1)
+    x = _x_bf16(rows, n_in, seed=n_in)
+    _assert_bf16_dot_close(_matmul(w, jnp.asarray(x)), x, deq)
+    _assert_bf16_dot_close(_matmul(w, jnp.asarray(x[:3])), x[:3], deq)  # the few-row path
+
+
+@native
+@pytest.mark.parametrize(
+    "cls, out, n_in, rows",
+    [
+        (quant.F16, 768, 64, 24),  # a LoRA up-projection: whole 32-row panels, 3 x 8 rows
+        (quant.F32, 37, 32, 9),  # a 5-row partial panel (masked lanes), 8 + 1 rows
+        (quant.Q4_K, 50, 256, 13),  # a block format at the short-row limit, 8 + 5 rows
+        (quant.Q8_0, 33, 128, 15),
+    ],
+)
+def test_bf16_short_rows(cls, out, n_in, rows):
+    """Many activation rows against short weight rows (in <= 256, bfloat16): the kernel with
+    lanes along the outputs (transposed bfloat16 pairs, no lane sums), every edge case."""
+    w, deq = _weight(cls, (out, n_in), seed=out + n_in)
+    x = _x_bf16(rows, n_in, seed=rows)
+    _assert_bf16_dot_close(_matmul(w, jnp.asarray(x)), x, deq)
+
+
+@native
+def test_bf16_threads_and_stack():
+    """A weight large enough to be split between threads, read from a stack by index, and an
+    out not a multiple of 16 (lane-sum groups); the Q6_K head shape class at one row."""
+    shape = (1000, 512)
+    pairs = [_weight(quant.Q6_K, shape, seed=140 + i) for i in range(2)]
+    ws = quant.stack([w for w, _ in pairs])
+    x = _x_bf16(1, 512, seed=5)
+    for i, (_, deq) in enumerate(pairs):
+        _assert_bf16_dot_close(_matmul(ws, jnp.asarray(x), i), x, deq)
+
+
+@native
+def test_bf16_model_step_matches_xla_bf16(synth_model, monkeypatch):
+    """A whole bfloat16 prefill + decode step of the tiny Q4_K_M model (Q4_K and Q6_K matrices)
+    with the native kernels against the XLA bfloat16 path (native kernels off, as with
+    RWKV_JAX_NATIVE=0): the same bfloat16 products, summed in another order.
+
+    Tolerance: each matmul output is rounded to bfloat16 (quant.Weight.matmul casts back to x's
+    dtype), so a summation-order difference flips some roundings by one bfloat16 ulp (2^-8
+    relative) and the flips propagate. Measured against the XLA path: max|Δlogit| 0.0625 (one
+    bfloat16 ulp of a logit in [8, 16)), mean 0.008, argmax equal everywhere, logits sd 3.0; the
+    float32 engine differs from the XLA bfloat16 path by mean 0.011. The bounds (max 0.25, mean
+    0.02, argmax >= 90%) catch wiring errors (a wrong layer of the stack, format, dtype target or
+    output row: differences of the logits' own size); the rounding of the weights themselves
+    (mean 0.012 without it) is checked per matmul by test_bf16_rounding_is_exact.
+    """
+    import rwkv_jax
+
+    path = synth_model("tiny", "Q4_K_M")
+    ids = list(range(100, 124))
+
+    def run():
+        model = rwkv_jax.load(path, dtype="bfloat16")
+        logits, state = model.forward(ids, all_logits=True)
+        step, _ = model.step([7], state)
+        return np.asarray(logits, np.float32)[0], np.asarray(step, np.float32)[0]
+
+    jax.clear_caches()  # _cpu_native is decided while tracing
+    native_p, native_s = run()
+    monkeypatch.setattr(cpu_kernels, "supports", lambda *a, **k: False)
+    jax.clear_caches()
+    xla_p, xla_s = run()
+    monkeypatch.undo()
+    jax.clear_caches()
+    for got, want in ((native_p, xla_p), (native_s, xla_s)):
+        diff = np.abs(got - want)
+        assert diff.max() <= 0.25 and diff.mean() <= 0.02, (diff.max(), diff.mean())
+        assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.9

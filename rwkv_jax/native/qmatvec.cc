@@ -3,7 +3,7 @@
 //
 // Every weight element is dequantized to exactly the float32 value ggml's dequantize_row_* gives
 // (the same values as rwkv_jax/quant.py), multiplied by float32 x and accumulated in float32;
-// activations are never quantized. Only the summation order differs from a plain dot, except
+// activations are never quantized (bfloat16 x: see below). Only the summation order differs from a plain dot, except
 // Q4_K at one activation row (AVX-512, decode): there each sub-block's scale and min are
 // factored out of its sum (q4k_row1), the same weight values with another rounding.
 //
@@ -30,8 +30,18 @@
 // have AVX-512 paths. Rows of W are split between a thread pool (created on first use) and the
 // calling thread; a call takes the pool only if no other call holds it (XLA may run independent
 // custom calls concurrently), otherwise it runs on its own thread.
+//
+// bfloat16 activations (the rwkv_qmatvec_bf16_* targets, engine dtype bfloat16): the product
+// XLA's bfloat16 path computes, y = bf16(x) · bf16(W)ᵀ with float32 accumulation, where bf16(W)
+// rounds ggml's float32 values to nearest even (XLA's dequantize(bf16)). Products of two
+// bfloat16 values are exact in float32, so every path below differs only in summation order:
+// with avx512_bf16, vdpbf16ps (two products per float32 lane, 2x the FMA rate) on bfloat16
+// tiles (prefill; rows_short_bf16 for short rows) or on pairs of runs rounded by vcvtne2ps2bf16
+// (decode; Q4_K via 32-entry bfloat16 tables, vpermw); elsewhere the float32 kernels over the
+// rounded values (Bf16Of, the portable path). vdpbf16ps treats bfloat16 subnormals as zero.
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -197,6 +207,22 @@ inline v16f bf16x16_to_f32(const uint16_t* p) {
   return reinterpret_cast<v16f>(bits);
 }
 
+// Round-to-nearest-even to bfloat16, kept in float32 (low 16 bits cleared): for every finite
+// float32 the value XLA's convert f32 -> bf16 gives (and vcvtne(2)ps2bf16 for normal inputs).
+inline v16f round_bf16(v16f v) {
+  v16u u = reinterpret_cast<v16u>(v);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  return reinterpret_cast<v16f>(u);
+}
+
+inline float round_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Formats. Each declares its fields (dtype, per-block trailing size; 0 = none) and a `block`
 // function that dequantizes block b of weight row r and calls emit(c, w) for each run of 16
@@ -212,6 +238,10 @@ struct Problem {
   // one activation row, Q4_K (AVX-512): per block 16 floats, 0 x 8 then the sums of x over the
   // 8 sub-blocks (see q4k_row1); nullptr elsewhere
   const float* xsum = nullptr;
+  // bfloat16 activations (the *_bf16 targets): x is nullptr, xb [m, in] with rows xbs apart
+  const uint16_t* xb = nullptr;
+  int64_t xbs = 0;
+  bool portable = false;  // bf16: take the portable path even where avx512_bf16 exists (tests)
 };
 
 struct FieldSpec {
@@ -647,6 +677,25 @@ struct BF16 {
   }
 };
 
+// Format F with every weight value rounded to bfloat16 (round-to-nearest-even): the weights of
+// the bfloat16 path (XLA's dequantize(bf16) before its dot) for the float32 kernels, which then
+// compute bf16(W) x (bf16 x widened to float32) with float32 accumulation: the products of two
+// bfloat16 values are exact in float32, so only the summation order differs from vdpbf16ps.
+template <class F>
+struct Bf16Of {
+  static constexpr const char* kName = F::kName;
+  static constexpr int QK = F::QK, NF = F::NF;
+  static constexpr bool kDense = F::kDense;
+  template <class E>
+  static inline void block(const Problem& p, int64_t r, int64_t b, E&& emit) {
+    F::block(p, r, b,
+             [&](int c, v16f w) __attribute__((always_inline)) { emit(c, round_bf16(w)); });
+  }
+  static inline float scalar(const Problem& p, int64_t r, int64_t e) {
+    return round_bf16(F::scalar(p, r, e));
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // The kernel: weight rows [r0, r1) against activation rows [m0, m0 + MB).
 
@@ -870,6 +919,9 @@ void rows_all(const Problem& p, int64_t r0, int64_t r1) {
 #ifndef RWKV_TILE_PANEL
 #define RWKV_TILE_PANEL 16
 #endif
+#ifndef RWKV_TILE_PANEL_BF16
+#define RWKV_TILE_PANEL_BF16 32
+#endif
 #ifndef RWKV_TILE_KC
 #define RWKV_TILE_KC 4096
 #endif
@@ -878,17 +930,27 @@ void rows_all(const Problem& p, int64_t r0, int64_t r1) {
 #endif
 
 #if defined(__AVX512F__)
-constexpr int kMr = 4, kNr = 4;  // 16 accumulators + 4 x vectors + 1 weight vector of 32 zmm
+#ifndef RWKV_TILE_MR
+#define RWKV_TILE_MR 4
+#endif
+#ifndef RWKV_TILE_NR
+#define RWKV_TILE_NR 4
+#endif
+constexpr int kMr = RWKV_TILE_MR, kNr = RWKV_TILE_NR;  // 16 accumulators + 4 x + 1 w of 32 zmm
 #else
 constexpr int kMr = 2, kNr = 2;  // 4 v16f accumulators (8 ymm / 16 q-registers)
 #endif
 constexpr int kPanel = RWKV_TILE_PANEL;     // weight rows per tile (a multiple of kNr)
+// bfloat16 tiles: twice the rows in the same bytes, so each pass over the activations (from L2)
+// feeds twice the products (Q4_K 3072 x 768, M = 128, one core: 3.3 vs 3.5 ms)
+constexpr int kPanelBf16 = RWKV_TILE_PANEL_BF16;
 constexpr int64_t kKc = RWKV_TILE_KC;       // inputs per tile (a multiple of every QK)
 constexpr int64_t kTileStride = kKc + 16;   // floats per tile row: +64 bytes against set aliasing
 constexpr int64_t kTiledMinRows = RWKV_TILE_MIN_ROWS;  // from this many activation rows
 
 // Keeps v in a register: GCC would otherwise fold its load into every instruction using it.
-inline void in_register(v16f& v) {
+template <class V>
+inline void in_register(V& v) {
 #if defined(__AVX512F__)
   asm("" : "+v"(v));
 #else
@@ -913,30 +975,60 @@ inline void store_sums(const Problem& p, v16f (&a)[MR][NR], int64_t m0, int64_t 
     for (int n = 0; n < NR; ++n) p.y[(m0 + m) * p.out + g + n] = hsum(a[m][n]);
 }
 
-// One block of MR activation rows x (from x, rows p.xs apart) times NR weight rows (from w, rows
-// ws apart) over kc inputs (a multiple of 16): partial sums start at zero (first) or from
-// part, and end as y (last) or in part.
+// Activation and tile element: float (float32 path) or uint16_t (bfloat16 bits, the
+// avx512_bf16 path, where vdpbf16ps multiplies pairs of bfloat16 into float32 lanes).
+template <class T>
+constexpr bool kBf16 = std::is_same_v<T, uint16_t>;
+
+// One block of MR activation rows (from x, rows xs apart) times NR weight rows (from w, rows
+// ws apart) over kc inputs (a multiple of 16, of 32 for bfloat16): partial sums start at zero
+// (first) or from part, and end as y (last) or in part.
 // (Not inlined: inside the tile loop GCC spills the accumulators.)
-template <int MR, int NR>
-__attribute__((noinline)) void tile_block(const Problem& p, const float* x, const float* w,
+template <int MR, int NR, class T>
+__attribute__((noinline)) void tile_block(const Problem& p, const T* x, int64_t xs, const T* w,
                                           int64_t ws, int64_t kc, v16f* part, bool first,
                                           bool last, int64_t m0, int64_t g) {
   v16f a[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < NR; ++n) a[m][n] = first ? v16f{} : part[m * NR + n];
-  for (int64_t k = 0; k < kc; k += 16) {
-    v16f xv[MR];
+  if constexpr (kBf16<T>) {
+#if defined(__AVX512BF16__)
+    // 32 inputs per step: 16 lanes of bfloat16 pairs (the same pairs in x and w)
+    for (int64_t k = 0; k < kc; k += 32) {
+      __m512i xv[MR];
 #pragma GCC unroll 4
-    for (int m = 0; m < MR; ++m) {
-      xv[m] = load_f32(x + m * p.xs + k);
-      in_register(xv[m]);
+      for (int m = 0; m < MR; ++m) {
+        xv[m] = _mm512_loadu_si512(x + m * xs + k);
+        in_register(xv[m]);
+      }
+#pragma GCC unroll 4
+      for (int n = 0; n < NR; ++n) {
+        __m512i wv = _mm512_loadu_si512(w + n * ws + k);
+        in_register(wv);
+#pragma GCC unroll 4
+        for (int m = 0; m < MR; ++m) {
+          a[m][n] = reinterpret_cast<v16f>(_mm512_dpbf16_ps(reinterpret_cast<__m512>(a[m][n]),
+                                                            reinterpret_cast<__m512bh>(xv[m]),
+                                                            reinterpret_cast<__m512bh>(wv)));
+        }
+      }
     }
+#endif
+  } else {
+    for (int64_t k = 0; k < kc; k += 16) {
+      v16f xv[MR];
 #pragma GCC unroll 4
-    for (int n = 0; n < NR; ++n) {
-      v16f wv = load_f32(w + n * ws + k);
-      in_register(wv);  // one load, not one memory operand per multiply-add
+      for (int m = 0; m < MR; ++m) {
+        xv[m] = load_f32(x + m * xs + k);
+        in_register(xv[m]);
+      }
 #pragma GCC unroll 4
-      for (int m = 0; m < MR; ++m) a[m][n] += wv * xv[m];
+      for (int n = 0; n < NR; ++n) {
+        v16f wv = load_f32(w + n * ws + k);
+        in_register(wv);  // one load, not one memory operand per multiply-add
+#pragma GCC unroll 4
+        for (int m = 0; m < MR; ++m) a[m][n] += wv * xv[m];
+      }
     }
   }
   if (last) {
@@ -948,63 +1040,69 @@ __attribute__((noinline)) void tile_block(const Problem& p, const float* x, cons
 }
 
 // Edge blocks (fewer than kMr activation rows or kNr weight rows left).
-template <int MR>
-inline void tile_block_nr(int nr, const Problem& p, const float* x, const float* w, int64_t ws,
-                          int64_t kc, v16f* part, bool first, bool last, int64_t m0, int64_t g) {
-  if (nr == 1) return tile_block<MR, 1>(p, x, w, ws, kc, part, first, last, m0, g);
-  if constexpr (kNr >= 2) {
-    if (nr == 2) return tile_block<MR, 2>(p, x, w, ws, kc, part, first, last, m0, g);
-  }
-  if constexpr (kNr >= 3) {
-    if (nr == 3) return tile_block<MR, 3>(p, x, w, ws, kc, part, first, last, m0, g);
-  }
-  if constexpr (kNr >= 4) {
-    if (nr == 4) return tile_block<MR, 4>(p, x, w, ws, kc, part, first, last, m0, g);
+template <int MR, class T, int NR = kNr>
+inline void tile_block_nr(int nr, const Problem& p, const T* x, int64_t xs, const T* w,
+                          int64_t ws, int64_t kc, v16f* part, bool first, bool last, int64_t m0,
+                          int64_t g) {
+  if (nr == NR) return tile_block<MR, NR>(p, x, xs, w, ws, kc, part, first, last, m0, g);
+  if constexpr (NR > 1) {
+    return tile_block_nr<MR, T, NR - 1>(nr, p, x, xs, w, ws, kc, part, first, last, m0, g);
   }
 }
 
-inline void tile_block_any(int mr, int nr, const Problem& p, const float* x, const float* w,
+template <class T, int MR = kMr>
+inline void tile_block_any(int mr, int nr, const Problem& p, const T* x, int64_t xs, const T* w,
                            int64_t ws, int64_t kc, v16f* part, bool first, bool last, int64_t m0,
                            int64_t g) {
-  if (mr == 1) return tile_block_nr<1>(nr, p, x, w, ws, kc, part, first, last, m0, g);
-  if constexpr (kMr >= 2) {
-    if (mr == 2) return tile_block_nr<2>(nr, p, x, w, ws, kc, part, first, last, m0, g);
-  }
-  if constexpr (kMr >= 3) {
-    if (mr == 3) return tile_block_nr<3>(nr, p, x, w, ws, kc, part, first, last, m0, g);
-  }
-  if constexpr (kMr >= 4) {
-    if (mr == 4) return tile_block_nr<4>(nr, p, x, w, ws, kc, part, first, last, m0, g);
+  if (mr == MR) return tile_block_nr<MR>(nr, p, x, xs, w, ws, kc, part, first, last, m0, g);
+  if constexpr (MR > 1) {
+    return tile_block_any<T, MR - 1>(mr, nr, p, x, xs, w, ws, kc, part, first, last, m0, g);
   }
 }
 
-// A float32 buffer of at least n floats, 64-byte aligned, kept per thread (grows, never shrinks).
-inline float* scratch(std::vector<float>& buf, int64_t n) {
-  if (static_cast<int64_t>(buf.size()) < n + 16) buf.resize(n + 16);
+// A buffer of at least n elements, 64-byte aligned, kept per thread (grows, never shrinks).
+template <class T>
+inline T* scratch(std::vector<T>& buf, int64_t n) {
+  constexpr int64_t pad = 64 / sizeof(T);
+  if (static_cast<int64_t>(buf.size()) < n + pad) buf.resize(n + pad);
   const auto addr = reinterpret_cast<uintptr_t>(buf.data());
-  return buf.data() + ((64 - addr % 64) % 64) / sizeof(float);
+  return buf.data() + ((64 - addr % 64) % 64) / sizeof(T);
 }
 
-// Weight rows [r0, r1) against all activation rows through dequantized tiles.
-template <class F>
+// Weight rows [r0, r1) against all activation rows through dequantized tiles: float32 tiles
+// (T = float) or, for bfloat16 activations on avx512_bf16, tiles of the weights rounded to
+// bfloat16 by vcvtneps2bf16 (T = uint16_t; round-to-nearest-even as XLA's convert).
+template <class F, class T = float>
 void rows_tiled(const Problem& p, int64_t r0, int64_t r1) {
-  static thread_local std::vector<float> tile_buf, part_buf;
-  constexpr bool kDirect = std::is_same_v<F, F32>;  // float32 rows serve as their own tile
+  static thread_local std::vector<T> tile_buf;
+  static thread_local std::vector<float> part_buf;
+  constexpr bool kDirect = std::is_same_v<F, F32> && !kBf16<T>;  // float32 rows: their own tile
+  constexpr int64_t kStride = kKc + 64 / sizeof(T);  // tile row: +64 bytes against set aliasing
+  constexpr int kP = kBf16<T> ? kPanelBf16 : kPanel;  // weight rows per tile
   const int64_t K = p.nb * F::QK;                    // == p.in (dense: in % 16 == 0 here)
   const int64_t kc_max = std::min<int64_t>(kKc, K);
-  float* tile = kDirect ? nullptr : scratch(tile_buf, kPanel * kTileStride);
+  T* tile = kDirect ? nullptr : scratch(tile_buf, kP * kStride);
   // partial sums: [m block][n block] of kMr * kNr vectors, only when K spans several blocks
   const int64_t m_blocks = (p.m + kMr - 1) / kMr;
   v16f* part = K > kc_max ? reinterpret_cast<v16f*>(scratch(
-                                part_buf, m_blocks * (kPanel / kNr) * kMr * kNr * 16))
+                                part_buf, m_blocks * (kP / kNr) * kMr * kNr * 16))
                           : nullptr;
   alignas(64) v16f dummy[kMr * kNr];
-  for (int64_t g = r0; g < r1; g += kPanel) {
-    const int np = static_cast<int>(std::min<int64_t>(kPanel, r1 - g));
+  const T* x_base;
+  int64_t xs;
+  if constexpr (kBf16<T>) {
+    x_base = p.xb;
+    xs = p.xbs;
+  } else {
+    x_base = p.x;
+    xs = p.xs;
+  }
+  for (int64_t g = r0; g < r1; g += kP) {
+    const int np = static_cast<int>(std::min<int64_t>(kP, r1 - g));
     for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
       const int64_t kc = std::min(kc_max, K - k0);
       const bool first = k0 == 0, last = k0 + kc >= K;
-      const float* w;
+      const T* w;
       int64_t ws;
       if constexpr (kDirect) {
         w = field<float>(p, 0) + g * p.in + k0;
@@ -1013,34 +1111,142 @@ void rows_tiled(const Problem& p, int64_t r0, int64_t r1) {
         // dequantize rows g .. g+np, inputs k0 .. k0+kc into the tile
         const int64_t b0 = k0 / F::QK, b1 = (k0 + kc) / F::QK;
         for (int n = 0; n < np; ++n) {
-          float* row = tile + n * kTileStride;
+          T* row = tile + n * kStride;
           for (int64_t b = b0; b < b1; ++b) {
-            float* dst = row + (b - b0) * F::QK;
+            T* dst = row + (b - b0) * F::QK;
             F::block(p, g + n, b, [&](int c, v16f v) __attribute__((always_inline)) {
-              std::memcpy(dst + 16 * c, &v, sizeof v);
+              if constexpr (kBf16<T>) {
+#if defined(__AVX512BF16__)
+                const __m256bh h = _mm512_cvtneps_pbh(reinterpret_cast<__m512>(v));
+                std::memcpy(dst + 16 * c, &h, sizeof h);
+#endif
+              } else {
+                std::memcpy(dst + 16 * c, &v, sizeof v);
+              }
             });
           }
         }
         w = tile;
-        ws = kTileStride;
+        ws = kStride;
       }
       for (int64_t mb = 0; mb < m_blocks; ++mb) {
         const int64_t m0 = mb * kMr;
         const int mr = static_cast<int>(std::min<int64_t>(kMr, p.m - m0));
-        const float* x = p.x + m0 * p.xs + k0;
+        const T* x = x_base + m0 * xs + k0;
         for (int n0 = 0; n0 < np; n0 += kNr) {
           const int nr = std::min(kNr, np - n0);
-          v16f* pp = part ? part + (mb * (kPanel / kNr) + n0 / kNr) * kMr * kNr : dummy;
+          v16f* pp = part ? part + (mb * (kP / kNr) + n0 / kNr) * kMr * kNr : dummy;
           if (mr == kMr && nr == kNr) {
-            tile_block<kMr, kNr>(p, x, w + n0 * ws, ws, kc, pp, first, last, m0, g + n0);
+            tile_block<kMr, kNr>(p, x, xs, w + n0 * ws, ws, kc, pp, first, last, m0, g + n0);
           } else {
-            tile_block_any(mr, nr, p, x, w + n0 * ws, ws, kc, pp, first, last, m0, g + n0);
+            tile_block_any(mr, nr, p, x, xs, w + n0 * ws, ws, kc, pp, first, last, m0, g + n0);
           }
         }
       }
     }
   }
 }
+
+#if defined(__AVX512BF16__)
+// bfloat16, many activation rows, short weight rows (in <= kShortK: the LoRA up-projections,
+// in = 32..128): lanes along the outputs instead of the inputs. The lanes-along-inputs
+// microkernel above ends every block of kMr x kNr outputs with a 16-lane reduction, which for
+// a few input steps costs more than the products. Here a panel of 32 weight rows is
+// dequantized and rounded to bfloat16 as above, then transposed to pairs: wt[k/2][n] = the
+// bfloat16 pair (W[n, k], W[n, k+1]) as one 32-bit word; per input pair each activation row's
+// pair is broadcast and vdpbf16ps accumulates 16 outputs per register; sums are stored as
+// they are. Same products, float32 accumulation (over k pairs: another summation order).
+#ifndef RWKV_SHORT_K
+#define RWKV_SHORT_K 256
+#endif
+constexpr int64_t kShortK = RWKV_SHORT_K;
+constexpr int kShortPanel = 32;  // weight rows per panel: 2 vectors of 16 outputs
+constexpr int kShortMr = 8;      // activation rows per block: 16 accumulators
+
+// Activation rows [m0, m0 + MR) x panel outputs [g, g + np) (np <= 32; lanes past np masked).
+template <int MR>
+__attribute__((noinline)) void short_block(const Problem& p, const uint32_t* wt, int64_t kp_n,
+                                           int64_t m0, int64_t g, int np) {
+  __m512 a[MR][2];
+  for (int m = 0; m < MR; ++m) a[m][0] = a[m][1] = _mm512_setzero_ps();
+  const uint16_t* x = p.xb + m0 * p.xbs;
+  for (int64_t kp = 0; kp < kp_n; ++kp) {
+    const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_load_si512(wt + 32 * kp));
+    const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_load_si512(wt + 32 * kp + 16));
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      uint32_t pair;
+      std::memcpy(&pair, x + m * p.xbs + 2 * kp, 4);
+      const __m512bh xb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
+      a[m][0] = _mm512_dpbf16_ps(a[m][0], xb, w0);
+      a[m][1] = _mm512_dpbf16_ps(a[m][1], xb, w1);
+    }
+  }
+  const __mmask16 k0 = np >= 16 ? 0xffff : static_cast<__mmask16>((1u << np) - 1);
+  const __mmask16 k1 = np >= 32 ? 0xffff : np <= 16 ? 0 : static_cast<__mmask16>((1u << (np - 16)) - 1);
+  for (int m = 0; m < MR; ++m) {
+    float* y = p.y + (m0 + m) * p.out + g;
+    _mm512_mask_storeu_ps(y, k0, a[m][0]);
+    _mm512_mask_storeu_ps(y + 16, k1, a[m][1]);
+  }
+}
+
+template <int MR = kShortMr>
+inline void short_block_any(int mr, const Problem& p, const uint32_t* wt, int64_t kp_n,
+                            int64_t m0, int64_t g, int np) {
+  if constexpr (MR >= 1) {
+    if (mr == MR) return short_block<MR>(p, wt, kp_n, m0, g, np);
+    if constexpr (MR > 1) return short_block_any<MR - 1>(mr, p, wt, kp_n, m0, g, np);
+  }
+}
+
+// Weight rows [r0, r1) against all activation rows, in = K <= kShortK, K % 32 == 0.
+template <class F>
+void rows_short_bf16(const Problem& p, int64_t r0, int64_t r1) {
+  static thread_local std::vector<uint16_t> tile_buf;
+  static thread_local std::vector<uint32_t> wt_buf;
+  const int64_t K = p.in, kp_n = K / 2;
+  uint16_t* tile = scratch(tile_buf, kShortPanel * K);
+  uint32_t* wt = scratch(wt_buf, kShortPanel * kp_n);
+  for (int64_t g = r0; g < r1; g += kShortPanel) {
+    const int np = static_cast<int>(std::min<int64_t>(kShortPanel, r1 - g));
+    for (int n = 0; n < kShortPanel; ++n) {
+      uint16_t* row = tile + n * K;
+      if (n >= np) {  // rows past the end: zeros (their lanes are not stored)
+        std::memset(row, 0, K * sizeof(uint16_t));
+        continue;
+      }
+      for (int64_t b = 0; b < p.nb; ++b) {
+        uint16_t* dst = row + b * F::QK;
+        F::block(p, g + n, b, [&](int c, v16f v) __attribute__((always_inline)) {
+          const __m256bh h = _mm512_cvtneps_pbh(reinterpret_cast<__m512>(v));
+          std::memcpy(dst + 16 * c, &h, sizeof h);
+        });
+      }
+    }
+    // transpose 32-bit pairs: wt[kp][n] = tile[n][2kp .. 2kp+1]
+    const uint32_t* t32 = reinterpret_cast<const uint32_t*>(tile);
+    for (int64_t kp = 0; kp < kp_n; ++kp) {
+      const __m512i idx0 = _mm512_add_epi32(
+          _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+                                               15),
+                             _mm512_set1_epi32(static_cast<int>(kp_n))),
+          _mm512_set1_epi32(static_cast<int>(kp)));
+      const __m512i idx1 = _mm512_add_epi32(idx0, _mm512_set1_epi32(static_cast<int>(16 * kp_n)));
+      _mm512_store_si512(wt + 32 * kp, _mm512_i32gather_epi32(idx0, t32, 4));
+      _mm512_store_si512(wt + 32 * kp + 16, _mm512_i32gather_epi32(idx1, t32, 4));
+    }
+    for (int64_t m0 = 0; m0 < p.m; m0 += kShortMr) {
+      const int mr = static_cast<int>(std::min<int64_t>(kShortMr, p.m - m0));
+      if (mr == kShortMr) {
+        short_block<kShortMr>(p, wt, kp_n, m0, g, np);
+      } else {
+        short_block_any(mr, p, wt, kp_n, m0, g, np);
+      }
+    }
+  }
+}
+#endif
 
 // Weight rows [r0, r1) against all activation rows: tiles for many rows, else direct passes.
 template <class F>
@@ -1056,6 +1262,186 @@ void rows_any(const Problem& p, int64_t r0, int64_t r1) {
     rows_all<F>(p, r0, r1);
   }
 }
+
+#if defined(__AVX512BF16__)
+// ---------------------------------------------------------------------------------------------
+// bfloat16 activations, few rows (decode), avx512_bf16: each block is dequantized as in the
+// float32 kernels, consecutive runs of 16 (in the order the format emits them) are rounded to
+// bfloat16 in pairs by vcvtne2ps2bf16 and multiplied with the matching 32 activations by
+// vdpbf16ps. The activations are permuted once per call into that emission order (xperm).
+
+// Block formats whose runs pair up (QK a multiple of 32) take these kernels; dense ones through
+// PairOf (two 16-value runs as one 32-value block) where in % 32 == 0, else the portable path.
+template <class F>
+constexpr bool kBf16Direct = !F::kDense && F::QK % 32 == 0;
+
+// Dense format F seen as blocks of 32 values (runs 2b and 2b+1 of a row); p.nb = in / 32.
+template <class F>
+struct PairOf {
+  static constexpr const char* kName = F::kName;
+  static constexpr int QK = 32, NF = F::NF;
+  static constexpr bool kDense = false;
+  template <class E>
+  static inline void block(const Problem& p, int64_t r, int64_t b, E&& emit) {
+    F::block(p, r, 2 * b, [&](int, v16f w) __attribute__((always_inline)) { emit(0, w); });
+    F::block(p, r, 2 * b + 1, [&](int, v16f w) __attribute__((always_inline)) { emit(1, w); });
+  }
+};
+
+// c of the k-th run F::block emits (the order is the same for every block: fixed loops).
+template <class F>
+const int8_t* emit_order() {
+  static const auto order = [] {
+    std::array<int8_t, F::QK / 16> o{};
+    alignas(64) static const uint8_t zeros[1024] = {};
+    Problem p{};
+    for (int k = 0; k < F::NF; ++k) p.f[k] = zeros;
+    p.nb = 1;
+    int k = 0;
+    F::block(p, 0, 0, [&](int c, v16f) { o[k++] = static_cast<int8_t>(c); });
+    return o;
+  }();
+  return order.data();
+}
+
+// Q4_K block b of row r as 8 runs of 32 bfloat16 weights in element order: emit32(j, w) for
+// sub-block j. Per pair of sub-blocks (2g, 2g+1) one 32-entry bfloat16 table, T[k] =
+// bf16(d*sc*k - dmin*mn) (k < 16: sub-block 2g; k >= 16: 2g+1; the float32 values as in
+// Q4_K::block, then rounded), looked up by vpermw with the nibbles (+16 for the high ones).
+template <class E>
+inline void q4k_block_bf16(const Problem& p, int64_t r, int64_t b, E&& emit32) {
+  const int64_t i = r * p.nb + b;
+  alignas(64) float s[16];  // d*sc[0..7], -dmin*mn[0..7]
+  k4_scales_vec(field<uint8_t>(p, 2) + 12 * i, f16_to_f32(field<uint16_t>(p, 0)[i]),
+                f16_to_f32(field<uint16_t>(p, 1)[i]), s);
+  const float* sl = launder(s);
+  const uint8_t* qs = field<uint8_t>(p, 3) + 128 * i;
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  auto table = [&](int t) {  // unfused multiply and add, as Q4_K::block (exact either way)
+    const __m512 prod = _mm512_maskz_mul_ps(0xffff, iota, _mm512_set1_ps(sl[t]));
+    return _mm512_maskz_add_ps(0xffff, prod, _mm512_set1_ps(sl[8 + t]));
+  };
+  const __m512i m15 = _mm512_set1_epi16(15), hi = _mm512_set1_epi16(16);
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    const __m512i tab =
+        reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(table(2 * g + 1), table(2 * g)));
+    const __m512i q = _mm512_cvtepu8_epi16(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * g)));  // 32 bytes
+    const __m512i lo = _mm512_permutexvar_epi16(_mm512_and_si512(q, m15), tab);
+    const __m512i up = _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(q, 4), hi), tab);
+    emit32(2 * g, reinterpret_cast<__m512bh>(lo));
+    emit32(2 * g + 1, reinterpret_cast<__m512bh>(up));
+  }
+}
+
+// Row r of W against activation rows 0 .. MB-1 of xp (permuted, rows p.xbs apart): the 16-lane
+// partial sums per activation row.
+template <class F, int MB>
+inline void row_partials_bf16(const Problem& p, const uint16_t* xp, int64_t r, v16f* out) {
+  constexpr int NA = MB >= 4 ? 1 : 4 / MB;  // accumulators per row: hide the dot latency
+  constexpr int PPB = F::QK / 32;           // run pairs per block
+  constexpr int U = PPB >= NA ? 1 : NA / PPB;
+  __m512 acc[MB][NA];
+  for (int m = 0; m < MB; ++m)
+    for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_ps();
+  auto step = [&](int64_t b, int u) __attribute__((always_inline)) {
+    const uint16_t* xb = xp + b * F::QK;
+    int k = 0;  // emissions so far (constant once the block's loops are unrolled)
+    __m512 held = _mm512_setzero_ps();
+    auto emit = [&](int, v16f w) __attribute__((always_inline)) {
+      if ((k & 1) == 0) {
+        held = reinterpret_cast<__m512>(w);
+      } else {
+        // [held, w] as 32 bfloat16, against activations [16(k-1), 16(k+1)) of the permuted row
+        const __m512bh wv = _mm512_cvtne2ps_pbh(reinterpret_cast<__m512>(w), held);
+        const int a = (u * PPB + (k >> 1)) % NA;
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) {
+          const __m512i xv = _mm512_loadu_si512(xb + m * p.xbs + 16 * (k - 1));
+          acc[m][a] = _mm512_dpbf16_ps(acc[m][a], reinterpret_cast<__m512bh>(xv), wv);
+        }
+      }
+      ++k;
+    };
+    if constexpr (std::is_same_v<F, Q4_K>) {
+      // runs in element order (xp not permuted)
+      q4k_block_bf16(p, r, b, [&](int j, __m512bh wv) __attribute__((always_inline)) {
+        const int a = (u * PPB + j) % NA;
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) {
+          const __m512i xv = _mm512_loadu_si512(xb + m * p.xbs + 32 * j);
+          acc[m][a] = _mm512_dpbf16_ps(acc[m][a], reinterpret_cast<__m512bh>(xv), wv);
+        }
+      });
+    } else {
+      F::block(p, r, b, emit);
+    }
+  };
+  int64_t b = 0;
+  for (; b + U <= p.nb; b += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) step(b + u, u);
+  }
+  for (; b < p.nb; ++b) step(b, 0);
+  for (int m = 0; m < MB; ++m) {
+    __m512 s = acc[m][0];
+    for (int a = 1; a < NA; ++a) s = _mm512_add_ps(s, acc[m][a]);
+    out[m] = reinterpret_cast<v16f>(s);
+  }
+}
+
+// Weight rows [r0, r1) against permuted activation rows [m0, m0 + MB).
+template <class F, int MB>
+void rows_kernel_bf16(const Problem& p, int64_t m0, int64_t r0, int64_t r1) {
+  const uint16_t* x0 = p.xb + m0 * p.xbs;
+  for (int64_t g = r0; g < r1; g += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, r1 - g));
+    v16f part[MB][16];  // [m][row in group]
+    for (int k = 0; k < n; ++k) {
+      v16f row[MB];
+      row_partials_bf16<F, MB>(p, x0, g + k, row);
+      for (int m = 0; m < MB; ++m) part[m][k] = row[m];
+    }
+    for (int m = 0; m < MB; ++m) {
+      float* y = p.y + (m0 + m) * p.out + g;
+      if (n == 16) {
+        const v16f sums = reduce16(part[m]);
+        std::memcpy(y, &sums, sizeof sums);
+      } else {
+        for (int k = 0; k < n; ++k) y[k] = hsum(part[m][k]);
+      }
+    }
+  }
+}
+
+// Weight rows [r0, r1) against all (fewer than kTiledMinRows) permuted activation rows, in
+// passes of up to 4 rows.
+template <class F>
+void rows_all_bf16(const Problem& p, int64_t r0, int64_t r1) {
+  for (int64_t m0 = 0; m0 < p.m;) {
+    switch (std::min<int64_t>(p.m - m0, 4)) {
+      case 1: rows_kernel_bf16<F, 1>(p, m0, r0, r1); m0 += 1; break;
+      case 2: rows_kernel_bf16<F, 2>(p, m0, r0, r1); m0 += 2; break;
+      case 3: rows_kernel_bf16<F, 3>(p, m0, r0, r1); m0 += 3; break;
+      default: rows_kernel_bf16<F, 4>(p, m0, r0, r1); m0 += 4; break;
+    }
+  }
+}
+
+// xperm[m, b*QK + 16k + j] = x[m, b*QK + 16*order[k] + j]: each block's runs in emission order.
+template <class F>
+void permute_bf16(const Problem& p, uint16_t* xperm) {
+  const int8_t* order = emit_order<F>();
+  for (int64_t m = 0; m < p.m; ++m) {
+    for (int64_t b = 0; b < p.nb; ++b) {
+      const uint16_t* src = p.xb + m * p.xbs + b * F::QK;
+      uint16_t* dst = xperm + m * p.in + b * F::QK;
+      for (int k = 0; k < F::QK / 16; ++k) std::memcpy(dst + 16 * k, src + 16 * order[k], 32);
+    }
+  }
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Thread pool: N-1 workers plus the caller share a job's chunks through one atomic ticket
@@ -1200,10 +1586,87 @@ constexpr double kParallelMacs = RWKV_PARALLEL_MACS;
 #define RWKV_Q4K_FACTORED 1
 #endif
 constexpr bool kQ4kFactored = RWKV_Q4K_FACTORED;  // q4k_row1 at one activation row
+#ifndef RWKV_SHORT_ROWS
+#define RWKV_SHORT_ROWS 1
+#endif
+constexpr bool kShortRows = RWKV_SHORT_ROWS;  // rows_short_bf16 for in <= kShortK (bf16)
+
+// rows(r0, r1) over all weight rows, split between the pool and the caller when the call is
+// large enough to pay for the hand-off.
+template <class Rows>
+void for_rows(const Problem& p, Rows&& rows) {
+  Pool& pool = Pool::get();
+  const int n = pool.size();  // threads this call may use (RWKV_JAX_NATIVE_THREADS, CPUs)
+  const double macs = static_cast<double>(p.out) * p.in * (p.m + 2);  // +2: unpacking work
+  if (n > 1 && p.out >= 32 && macs >= kParallelMacs) {
+    // a few chunks per thread (balance when a thread is slow; long runs of rows keep the
+    // hardware prefetchers streaming), multiples of 16 rows
+    constexpr int per = 8;
+    const int64_t step = std::max<int64_t>(16, (p.out + per * n - 1) / (per * n) / 16 * 16);
+    const int chunks = static_cast<int>((p.out + step - 1) / step);
+    auto task = [&](int c) { rows(c * step, std::min<int64_t>(p.out, (c + 1) * step)); };
+    if (pool.run(chunks, task)) return;
+  }
+  rows(int64_t{0}, p.out);
+}
 
 template <class F>
-void run(const Problem& p_in) {
-  Pool& pool = Pool::get();
+void run_f32(const Problem& p_in);
+
+// bfloat16 activations (p.xb): y = bf16(x) · bf16(W)ᵀ in float32, W rounded to bfloat16 as
+// XLA's dequantize(bf16) does. With avx512_bf16: bfloat16 tiles and vdpbf16ps (many rows;
+// rows_short_bf16 for in <= kShortK) or paired runs and vdpbf16ps (few rows). Elsewhere (other
+// ISAs, in % 32 != 0, p.portable): the float32 kernels over Bf16Of<F> with x widened exactly.
+// Every path multiplies the same bfloat16 values exactly and accumulates in float32; they
+// differ only in summation order (and vdpbf16ps treats bfloat16 subnormals, |x| < 2^-126, as 0).
+template <class F>
+void run_bf16(const Problem& p_in) {
+  Problem p = p_in;
+  p.xbs = p.in;
+#if defined(__AVX512BF16__)
+  static thread_local std::vector<uint16_t> xb_buf;
+  const bool tiled_bf16 = p.m >= kTiledMinRows && p.nb * F::QK == p.in && p.in % 32 == 0;
+  if (!p.portable && tiled_bf16 && p.in <= kShortK && kShortRows) {
+    return for_rows(p, [&](int64_t r0, int64_t r1) { rows_short_bf16<F>(p, r0, r1); });
+  }
+  if (!p.portable && tiled_bf16) {
+    if (p.in % 2048 == 0) {
+      // rows 4 KiB apart share L1 sets (the microkernel reads kMr of them at once): pad them
+      p.xbs = p.in + 32;
+      uint16_t* xp = scratch(xb_buf, p.m * p.xbs);
+      for (int64_t m = 0; m < p.m; ++m) std::memcpy(xp + m * p.xbs, p.xb + m * p.in, p.in * 2);
+      p.xb = xp;
+    }
+    return for_rows(p, [&](int64_t r0, int64_t r1) { rows_tiled<F, uint16_t>(p, r0, r1); });
+  }
+  if constexpr (F::kDense) {
+    if (!p.portable && !tiled_bf16 && p.in % 32 == 0) {
+      p.nb = p.in / 32;  // runs in element order: no permutation
+      return for_rows(p, [&](int64_t r0, int64_t r1) { rows_all_bf16<PairOf<F>>(p, r0, r1); });
+    }
+  }
+  if constexpr (kBf16Direct<F>) {
+    if (!p.portable && !tiled_bf16) {
+      if constexpr (!std::is_same_v<F, Q4_K>) {  // q4k_block_bf16 keeps element order
+        uint16_t* xp = scratch(xb_buf, p.m * p.in);
+        permute_bf16<F>(p, xp);
+        p.xb = xp;
+      }
+      return for_rows(p, [&](int64_t r0, int64_t r1) { rows_all_bf16<F>(p, r0, r1); });
+    }
+  }
+#endif
+  static thread_local std::vector<float> xf_buf;
+  float* xf = scratch(xf_buf, p.m * p.in);
+  for (int64_t i = 0; i < p.m * p.in; ++i) xf[i] = bf16_to_f32(p.xb[i]);  // exact
+  p.x = xf;
+  p.xb = nullptr;
+  run_f32<Bf16Of<F>>(p);
+}
+
+// float32 activations (p.x).
+template <class F>
+void run_f32(const Problem& p_in) {
   Problem p = p_in;
   p.xs = p.in;
   static thread_local std::vector<float> x_buf;
@@ -1224,22 +1687,21 @@ void run(const Problem& p_in) {
     }
   }
 #endif
-  const int n = pool.size();  // threads this call may use (RWKV_JAX_NATIVE_THREADS, CPUs)
-  const double macs = static_cast<double>(p.out) * p.in * (p.m + 2);  // +2: unpacking work
-  if (n > 1 && p.out >= 32 && macs >= kParallelMacs) {
-    // a few chunks per thread (balance when a thread is slow; long runs of rows keep the
-    // hardware prefetchers streaming), multiples of 16 rows
-    constexpr int per = 8;
-    const int64_t step = std::max<int64_t>(16, (p.out + per * n - 1) / (per * n) / 16 * 16);
-    const int chunks = static_cast<int>((p.out + step - 1) / step);
-    auto task = [&](int c) { rows_any<F>(p, c * step, std::min<int64_t>(p.out, (c + 1) * step)); };
-    if (pool.run(chunks, task)) return;
+  for_rows(p, [&](int64_t r0, int64_t r1) { rows_any<F>(p, r0, r1); });
+}
+
+// y = x · Wᵀ for float32 (p.x) or bfloat16 (p.xb) activations.
+template <class F>
+void run(const Problem& p) {
+  if (p.xb) {
+    run_bf16<F>(p);
+  } else {
+    run_f32<F>(p);
   }
-  rows_any<F>(p, 0, p.out);
 }
 
 // ---------------------------------------------------------------------------------------------
-// FFI glue: x f32 [M, in], layer s32 [], the format's fields, result f32 [M, out]. Fields are
+// FFI glue: x f32 or bf16 [M, in], layer s32 [], the format's fields, result f32 [M, out]. Fields are
 // either one weight ([out, nb, *trail]) or a stack of weights ([L, out, nb, *trail]) of which
 // `layer` picks one (clamped to [0, L-1] as a dynamic slice would be); passing the stack avoids
 // the copy XLA makes when a stacked weight is sliced before a custom call.
@@ -1268,9 +1730,9 @@ bool same_kind(ffi::DataType got, ffi::DataType want) {
   return got == want || (byte(got) && byte(want));
 }
 
-template <class F>
-ffi::Error call(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
-                const ffi::AnyBuffer* const* fields, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+template <class F, class XB>
+ffi::Error call(XB x, ffi::Buffer<ffi::S32> layer, const ffi::AnyBuffer* const* fields,
+                ffi::Result<ffi::Buffer<ffi::F32>> y) {
   const auto xd = x.dimensions(), yd = y->dimensions();
   const std::string where = std::string("rwkv_jax native ") + F::kName + " matmul: ";
   if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0] || layer.element_count() != 1) {
@@ -1279,7 +1741,11 @@ ffi::Error call(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
                                        dims_str(xd) + ", y " + dims_str(yd));
   }
   Problem p{};
-  p.x = x.typed_data();
+  if constexpr (std::is_same_v<XB, ffi::Buffer<ffi::BF16>>) {
+    p.xb = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  } else {
+    p.x = x.typed_data();
+  }
   p.y = y->typed_data();
   p.m = xd[0];
   p.in = xd[1];
@@ -1318,35 +1784,48 @@ ffi::Error call(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
 }
 
 using XBuf = ffi::Buffer<ffi::F32>;
+using XBf16 = ffi::Buffer<ffi::BF16>;
 using LBuf = ffi::Buffer<ffi::S32>;
 using YBuf = ffi::Result<ffi::Buffer<ffi::F32>>;
 using ABuf = ffi::AnyBuffer;
 
-template <class F>
-ffi::Error h1(XBuf x, LBuf l, ABuf a, YBuf y) {
+// A handler's format and activation buffer type, as one template argument.
+template <class F, class XB>
+struct Of {
+  using Fmt = F;
+  using X = XB;
+};
+
+template <class O>
+ffi::Error h1(typename O::X x, LBuf l, ABuf a, YBuf y) {
   const ABuf* f[] = {&a};
-  return call<F>(x, l, f, y);
+  return call<typename O::Fmt>(x, l, f, y);
 }
-template <class F>
-ffi::Error h2(XBuf x, LBuf l, ABuf a, ABuf b, YBuf y) {
+template <class O>
+ffi::Error h2(typename O::X x, LBuf l, ABuf a, ABuf b, YBuf y) {
   const ABuf* f[] = {&a, &b};
-  return call<F>(x, l, f, y);
+  return call<typename O::Fmt>(x, l, f, y);
 }
-template <class F>
-ffi::Error h3(XBuf x, LBuf l, ABuf a, ABuf b, ABuf c, YBuf y) {
+template <class O>
+ffi::Error h3(typename O::X x, LBuf l, ABuf a, ABuf b, ABuf c, YBuf y) {
   const ABuf* f[] = {&a, &b, &c};
-  return call<F>(x, l, f, y);
+  return call<typename O::Fmt>(x, l, f, y);
 }
-template <class F>
-ffi::Error h4(XBuf x, LBuf l, ABuf a, ABuf b, ABuf c, ABuf d, YBuf y) {
+template <class O>
+ffi::Error h4(typename O::X x, LBuf l, ABuf a, ABuf b, ABuf c, ABuf d, YBuf y) {
   const ABuf* f[] = {&a, &b, &c, &d};
-  return call<F>(x, l, f, y);
+  return call<typename O::Fmt>(x, l, f, y);
 }
-template <class F>
-ffi::Error h5(XBuf x, LBuf l, ABuf a, ABuf b, ABuf c, ABuf d, ABuf e, YBuf y) {
+template <class O>
+ffi::Error h5(typename O::X x, LBuf l, ABuf a, ABuf b, ABuf c, ABuf d, ABuf e, YBuf y) {
   const ABuf* f[] = {&a, &b, &c, &d, &e};
-  return call<F>(x, l, f, y);
+  return call<typename O::Fmt>(x, l, f, y);
 }
+
+template <class F>
+using OfF32 = Of<F, XBuf>;
+template <class F>
+using OfBf16 = Of<F, XBf16>;
 
 }  // namespace
 
@@ -1356,35 +1835,48 @@ ffi::Error h5(XBuf x, LBuf l, ABuf a, ABuf b, ABuf c, ABuf d, ABuf e, YBuf y) {
 #define RWKV_ARGS_3 RWKV_ARGS_2.Arg<ffi::AnyBuffer>()
 #define RWKV_ARGS_4 RWKV_ARGS_3.Arg<ffi::AnyBuffer>()
 #define RWKV_ARGS_5 RWKV_ARGS_4.Arg<ffi::AnyBuffer>()
-#define RWKV_HANDLER(sym, F, N)                                                         \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(sym, h##N<F>,                                           \
+// rwkv_qmatvec_<F> takes float32 x, rwkv_qmatvec_bf16_<F> bfloat16 x
+#define RWKV_HANDLER_X(sym, F, N, OF, XT)                                               \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(sym, h##N<OF<F>>,                                       \
                                 ffi::Ffi::Bind()                                        \
-                                    .Arg<ffi::Buffer<ffi::F32>>()                       \
+                                    .Arg<ffi::Buffer<ffi::XT>>()                        \
                                     .Arg<ffi::Buffer<ffi::S32>>() RWKV_ARGS(N)          \
                                     .Ret<ffi::Buffer<ffi::F32>>())
+#define RWKV_HANDLER(F, N)                                      \
+  RWKV_HANDLER_X(rwkv_qmatvec_##F, F, N, OfF32, F32);           \
+  RWKV_HANDLER_X(rwkv_qmatvec_bf16_##F, F, N, OfBf16, BF16)
 
-RWKV_HANDLER(rwkv_qmatvec_F32, F32, 1);
-RWKV_HANDLER(rwkv_qmatvec_F16, F16, 1);
-RWKV_HANDLER(rwkv_qmatvec_BF16, BF16, 1);
-RWKV_HANDLER(rwkv_qmatvec_Q4_0, Q4_0, 2);
-RWKV_HANDLER(rwkv_qmatvec_Q4_1, Q4_1, 3);
-RWKV_HANDLER(rwkv_qmatvec_Q5_0, Q5_0, 3);
-RWKV_HANDLER(rwkv_qmatvec_Q5_1, Q5_1, 4);
-RWKV_HANDLER(rwkv_qmatvec_Q8_0, Q8_0, 2);
-RWKV_HANDLER(rwkv_qmatvec_Q2_K, Q2_K, 4);
-RWKV_HANDLER(rwkv_qmatvec_Q3_K, Q3_K, 4);
-RWKV_HANDLER(rwkv_qmatvec_Q4_K, Q4_K, 4);
-RWKV_HANDLER(rwkv_qmatvec_Q5_K, Q5_K, 5);
-RWKV_HANDLER(rwkv_qmatvec_Q6_K, Q6_K, 4);
+RWKV_HANDLER(F32, 1);
+RWKV_HANDLER(F16, 1);
+RWKV_HANDLER(BF16, 1);
+RWKV_HANDLER(Q4_0, 2);
+RWKV_HANDLER(Q4_1, 3);
+RWKV_HANDLER(Q5_0, 3);
+RWKV_HANDLER(Q5_1, 4);
+RWKV_HANDLER(Q8_0, 2);
+RWKV_HANDLER(Q2_K, 4);
+RWKV_HANDLER(Q3_K, 4);
+RWKV_HANDLER(Q4_K, 4);
+RWKV_HANDLER(Q5_K, 5);
+RWKV_HANDLER(Q6_K, 4);
 
-// The kernels without XLA (benchmarks, debugging): fields as in the FFI call, all C-contiguous.
-// Returns 0, or -1 for an unknown format name.
-extern "C" int rwkv_qmatvec_direct(const char* fmt, const float* x, const void* const* fields,
-                                   int64_t m, int64_t in, int64_t out, float* y) {
+// The kernels without XLA (benchmarks, debugging, tests): fields as in the FFI call, all
+// C-contiguous. x_kind 0: x is float32 [m, in]; 1: bfloat16 bits [m, in] (the bf16 path this
+// build takes); 2: bfloat16 through the portable path (Bf16Of on the float32 kernels).
+// Returns 0, or -1 for an unknown format name or x_kind.
+extern "C" int rwkv_qmatvec_direct_x(const char* fmt, int x_kind, const void* x,
+                                     const void* const* fields, int64_t m, int64_t in,
+                                     int64_t out, float* y) {
+  if (x_kind < 0 || x_kind > 2) return -1;
   auto go = [&](auto tag) {
     using F = decltype(tag);
     Problem p{};
-    p.x = x;
+    if (x_kind == 0) {
+      p.x = static_cast<const float*>(x);
+    } else {
+      p.xb = static_cast<const uint16_t*>(x);
+      p.portable = x_kind == 2;
+    }
     p.y = y;
     p.m = m;
     p.in = in;
@@ -1411,6 +1903,12 @@ extern "C" int rwkv_qmatvec_direct(const char* fmt, const float* x, const void* 
   return -1;
 }
 
+// float32 x only (the original entry point).
+extern "C" int rwkv_qmatvec_direct(const char* fmt, const float* x, const void* const* fields,
+                                   int64_t m, int64_t in, int64_t out, float* y) {
+  return rwkv_qmatvec_direct_x(fmt, 0, x, fields, m, in, out, y);
+}
+
 // What this build uses, for logs and benchmark reports.
 extern "C" const char* rwkv_qmatvec_info() {
   static const std::string info =
@@ -1430,6 +1928,11 @@ extern "C" const char* rwkv_qmatvec_info() {
       " tile=" + std::to_string(kMr) + "x" + std::to_string(kNr) +
 #if defined(__AVX512F__)
       " q4k_factored=" + std::to_string(int(kQ4kFactored)) +
+#endif
+#if defined(__AVX512BF16__)
+      " bf16=avx512_bf16" +
+#else
+      " bf16=portable" +
 #endif
       "";
   return info.c_str();
