@@ -179,7 +179,8 @@ def matmul_group(
     tile = _row_tile(out, block_rows or (MMA_ROWS if mma else None))
     parts = _parts(nb, split or SPLIT)
     per_group = len(fmt.fields) + 1
-    shapes, dtypes = tuple(a.shape for a in arrays[:per_group]), tuple(a.dtype for a in arrays)
+    one = arrays[:per_group]  # one group's operands: the others match them
+    shapes, dtypes = tuple(a.shape for a in one), tuple(a.dtype for a in one)
     launch = (tile, parts, num_warps or NUM_WARPS, num_stages or NUM_STAGES)
     fact = FACTORED if factored is None else factored
     groups = len(weights)
