@@ -28,7 +28,7 @@ import numpy as np
 from jax.profiler import ProfileData
 
 from experiments.engine_jax import JaxEngine
-from rwkv_jax import gpu_kernels, synth
+from rwkv_jax import gpu_kernels, gpu_time_mix, synth
 
 
 def kernel_events(xplane: str) -> list[tuple[str, int, int]]:
@@ -114,7 +114,15 @@ def main() -> None:
     p.add_argument(
         "--factored", action="store_true", help="gpu_kernels.FACTORED: scales out of the sums"
     )
+    p.add_argument(
+        "--no-time-mix",
+        action="store_true",
+        help="keep the XLA path for the per-head decode work (gpu_time_mix.ENABLED = False)",
+    )
+    p.add_argument("--time-mix-warps", type=int, default=None, help="gpu_time_mix.NUM_WARPS")
     a = p.parse_args()
+    gpu_time_mix.NUM_WARPS = a.time_mix_warps or gpu_time_mix.NUM_WARPS
+    gpu_time_mix.ENABLED = gpu_time_mix.ENABLED and not a.no_time_mix
     gpu_kernels.FACTORED = gpu_kernels.FACTORED or a.factored
     if a.pallas:  # tuning only: the constants are module globals read at trace time
         names = ("MIN_ROWS", "BLOCK_ROWS", "NUM_WARPS", "SPLIT")

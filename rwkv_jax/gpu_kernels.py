@@ -61,12 +61,19 @@ MIN_ROWS, MAX_ROWS = 1, 4
 MMA_MAX_ROWS, MMA_ROWS = 64, 64
 # launch shape: weight rows per program (fewer when the row count is not a multiple), warps per
 # program, programs per row tile along the super-blocks (at most; a divisor of their count: 1 =
-# one program loops over a whole row, more = split-K, partial sums added by XLA). Best of three
-# tried in whole B=4 decode steps on the H200: 32 rows x 4 warps split 10 9.98 ms, split 4
-# 10.96 ms, 16 rows split 10 10.90 ms.
+# one program loops over a whole row, more = split-K, partial sums added by XLA). Per matrix at
+# one row (H200, `python -m experiments.gpu_sweep`, kernel time from a trace): 32 rows x 4 warps
+# is best or level for every decode matrix but the head; split 20 (two super-blocks per program
+# where a row has 40) takes the F -> C matrices from 14.5 to 13.1 us (Q4_K) and 20.6 to 18.4 us
+# (Q6_K), the same as split 10 elsewhere; 8 warps, 16 or 128 rows, or split <= 2 are slower.
 BLOCK_ROWS = 32
 NUM_WARPS = 4
-SPLIT = 10
+SPLIT = 20
+# the tensor-core kernel (more rows) keeps split 10, what it was measured with (B = 4..64 steps)
+MMA_SPLIT = 10
+# matrices of at least WIDE_OUT rows (the head) take WIDE_ROWS rows per program: 92.5 us against
+# 106.2 us with 32 (Q6_K 65536 x 2560, same sweep)
+WIDE_OUT, WIDE_ROWS = 32768, 64
 NUM_STAGES = 2  # Triton software pipelining of the super-block loop
 # float32-accumulator kernels (<= MAX_ROWS rows): True = scales factored out of each sub-block's
 # sum (scale * sum(q x) - offset * sum(x), as llama.cpp's matvecs do: less work per value, one
@@ -176,8 +183,9 @@ def matmul_group(
             arrays.append(jnp.moveaxis(xv.reshape(m, nb, 2, QK_K // 2), 0, -1))
         else:
             arrays.append(xv.astype(jnp.float32))
-    tile = _row_tile(out, block_rows or (MMA_ROWS if mma else None))
-    parts = _parts(nb, split or SPLIT)
+    wide = WIDE_ROWS if out >= WIDE_OUT else None
+    tile = _row_tile(out, block_rows or (MMA_ROWS if mma else wide))
+    parts = _parts(nb, split or (MMA_SPLIT if mma else SPLIT))
     per_group = len(fmt.fields) + 1
     one = arrays[:per_group]  # one group's operands: the others match them
     shapes, dtypes = tuple(a.shape for a in one), tuple(a.dtype for a in one)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-from rwkv_jax import quant, wkv
+from rwkv_jax import backends, gpu_time_mix, quant, wkv
 from rwkv_jax.gguf import ModelConfig
 from rwkv_jax.params import Block, Params
 from rwkv_jax.state import State
@@ -101,12 +101,12 @@ def matmuls(pairs: list[tuple[quant.Weight, Array]], dtype) -> list[Array]:
     return [y.astype(jnp.float32) for y in ys]
 
 
-def lora(x: Array, down: quant.Weight, up: quant.Weight, dtype, act=None) -> Array:
-    """(x·down)·up with an optional nonlinearity in between (BlinkDL's row-vector notation)."""
-    h = matmul(down, x, dtype)
-    if act is not None:
-        h = act(h)
-    return matmul(up, h, dtype)
+class LayerAt(NamedTuple):
+    """Where the scan's layer lies in the stacks: the GPU decode kernel reads it in place."""
+
+    blocks: Block  # every layer, stacked [L, ...]
+    wkv: Array  # the WKV state of every layer [L, B, H, N, N]
+    index: Array  # int32 []: this layer
 
 
 def time_mix(
@@ -117,26 +117,52 @@ def time_mix(
     v_first: Array,
     is_first: Array | bool,
     span: Span,
+    at: LayerAt | None = None,
 ) -> tuple[Array, Array, Array, Array]:
     """Attention replacement of one layer: returns (out, v_first, att_shift, wkv state)."""
-    valid, lengths, wkv_fn, dtype = span
-    B, T, C = x.shape
-    H, N = cfg.n_head, cfg.head_size
+    dtype = span.dtype
     u = layer_norm(x, blk.ln1_w, blk.ln1_b, cfg.layer_norm_eps)  # [B, T, C]
-    d, att_shift = token_shift(u, st.att_shift, lengths)
+    d, att_shift = token_shift(u, st.att_shift, span.lengths)
     xr, xw, xk, xv, xa, xg = (u + d * lead(blk.x_rwkvag[i], 3) for i in range(6))
 
     r, k, v = matmuls([(blk.receptance, xr), (blk.key, xk), (blk.value, xv)], dtype)
-    z = lead(blk.w0, 3) + lora(xw, blk.w1, blk.w2, dtype, jnp.tanh)  # decay pre-activation
+    # LoRA hiddens (BlinkDL's row-vector notation: x·down, then ·up inside heads())
+    hidden = (
+        jnp.tanh(matmul(blk.w1, xw, dtype)),  # decay
+        matmul(blk.a1, xa, dtype),  # in-context learning rate
+        matmul(blk.v1, xv, dtype),  # value residual
+        jax.nn.sigmoid(matmul(blk.g1, xg, dtype)),  # output gate
+    )
+    out, v_first, S = heads_step(blk, cfg, r, k, v, v_first, is_first, hidden, st.wkv, span, at)
+    return matmul(blk.output, out, dtype), v_first, att_shift, S
+
+
+def heads(
+    blk: Block,
+    cfg: ModelConfig,
+    r: Array,
+    k: Array,
+    v: Array,
+    v_first: Array,
+    is_first: Array | bool,
+    hidden: tuple[Array, Array, Array, Array],
+    S: Array,
+    span: Span,
+) -> tuple[Array, Array, Array]:
+    """From r, k, v [B, T, C] and the LoRA hiddens to the gated output (out * g [B, T, C]),
+    v_first and the new WKV state: LoRA ups, WKV-7, group norm, bonus and gate."""
+    valid, _, wkv_fn, dtype = span
+    B, T, C = r.shape
+    H, N = cfg.n_head, cfg.head_size
+    hw, ha, hv, hg = hidden
+    z = lead(blk.w0, 3) + matmul(blk.w2, hw, dtype)  # decay pre-activation
     log_decay = -DECAY_SCALE * jax.nn.sigmoid(z)  # ld in (-0.6065, 0)
-    a = jax.nn.sigmoid(
-        lead(blk.a0, 3) + lora(xa, blk.a1, blk.a2, dtype)
-    )  # in-context learning rate
-    g = lora(xg, blk.g1, blk.g2, dtype, jax.nn.sigmoid)  # output gate (no squash after g2)
+    a = jax.nn.sigmoid(lead(blk.a0, 3) + matmul(blk.a2, ha, dtype))  # in-context learning rate
+    g = matmul(blk.g2, hg, dtype)  # output gate (no squash after g2)
 
     # value residual: layer 0 sets v_first = v, which makes the mix below an exact no-op there
     v_first = jnp.where(is_first, v, v_first)
-    v = v + (v_first - v) * jax.nn.sigmoid(lead(blk.v0, 3) + lora(xv, blk.v1, blk.v2, dtype))
+    v = v + (v_first - v) * jax.nn.sigmoid(lead(blk.v0, 3) + matmul(blk.v2, hv, dtype))
 
     heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731  [B, T, C] -> [B, T, H, N]
     kk = heads(k * lead(blk.k_k, 3))  # removal key from k *before* the k_a rescale
@@ -146,7 +172,7 @@ def time_mix(
     # padded positions (beyond each row's length) must not touch the state: v = beta = 0, ld = 0
     m = valid[:, :, None, None]
     y, S = wkv_fn(
-        st.wkv,
+        S,
         heads(r),
         heads(k),
         jnp.where(m, heads(v), 0.0),
@@ -158,7 +184,66 @@ def time_mix(
     out = group_norm(y, blk.ln_x_w, blk.ln_x_b, cfg.group_norm_eps)  # [B, T, C]
     bonus = jnp.sum(heads(r) * heads(k) * lead(blk.r_k, 4), axis=-1, keepdims=True)  # [B, T, H, 1]
     out = out + (bonus * heads(v)).reshape(B, T, C)
-    return matmul(blk.output, out * g, dtype), v_first, att_shift, S
+    return out * g, v_first, S
+
+
+def heads_step(
+    blk: Block,
+    cfg: ModelConfig,
+    r: Array,
+    k: Array,
+    v: Array,
+    v_first: Array,
+    is_first: Array | bool,
+    hidden: tuple[Array, Array, Array, Array],
+    S: Array,
+    span: Span,
+    at: LayerAt | None,
+) -> tuple[Array, Array, Array]:
+    """heads(); one decode token on NVIDIA GPUs as one kernel (gpu_time_mix), which reads the
+    stacked layer `at` in place (or the unstacked `blk` and state S)."""
+    B, T, C = r.shape
+    ups = (blk.w2, blk.a2, blk.v2, blk.g2)
+    layers = [w.layer if isinstance(w, quant.LayerOf) else w for w in ups]
+
+    def xla(r, k, v, v_first, S, *hidden):
+        return heads(blk, cfg, r, k, v, v_first, is_first, tuple(hidden), S, span)
+
+    if not gpu_time_mix.supports(B, T, cfg.head_size, layers) or (
+        backends.current_profile().matvec == "fused"  # Metal: the program it compiles
+    ):
+        return xla(r, k, v, v_first, S, *hidden)
+    src = blk if at is None else at.blocks
+    one = (lambda a: a[None]) if at is None else (lambda a: a)  # noqa: E731  a leading L axis
+    vectors = tuple(
+        one(a).reshape(-1, C).astype(jnp.float32)
+        for a in (src.w0, src.a0, src.v0, src.k_k, src.k_a, src.r_k, src.ln_x_w, src.ln_x_b)
+    )
+    up_values = tuple(one(w.w) if at is None else w.stack.w for w in ups)  # [L, C, D]
+    index = jnp.zeros((), jnp.int32) if at is None else at.index
+    first = bool(is_first) if at is None else None  # stacked: the kernel asks layer == 0
+    S_all = S[None] if at is None else at.wkv
+
+    def kernel(r, k, v, v_first, S, *hidden):
+        out, v_first, S = gpu_time_mix.time_mix_heads(
+            index,
+            first,
+            span.valid[:, 0],
+            (r[:, 0], k[:, 0], v[:, 0]),
+            v_first[:, 0],
+            tuple(h[:, 0] for h in hidden),
+            up_values,
+            vectors,
+            S_all,
+            eps=cfg.group_norm_eps,
+            decay_scale=DECAY_SCALE,
+            l2_eps=L2_EPS,
+            dtype=span.dtype,
+            round_weights=B > quant.MATVEC_MAX_ROWS,
+        )
+        return out[:, None], v_first[:, None], S
+
+    return lax.platform_dependent(r, k, v, v_first, S, *hidden, cuda=kernel, default=xla)
 
 
 def channel_mix(
@@ -182,9 +267,10 @@ def block(
     v_first: Array,
     is_first: Array | bool,
     span: Span,
+    at: LayerAt | None = None,
 ) -> tuple[Array, Array, LayerState]:
     """One residual block: x += time_mix(x); x += channel_mix(x)."""
-    att, v_first, att_shift, S = time_mix(blk, cfg, x, st, v_first, is_first, span)
+    att, v_first, att_shift, S = time_mix(blk, cfg, x, st, v_first, is_first, span, at)
     x = x + att
     ffn, ffn_shift = channel_mix(blk, cfg, x, st.ffn_shift, span)
     return x + ffn, v_first, LayerState(att_shift, ffn_shift, S)
@@ -221,7 +307,8 @@ def layers(
             with jax.named_scope("block"):
                 st = LayerState(a_sh, f_sh, S)
                 blk = layer_of(blk, params.blocks, idx)  # type: ignore[arg-type]
-                h, v_first, st = block(blk, cfg, h, st, v_first, idx == 0, span)
+                at = LayerAt(params.blocks, state.wkv, idx)  # type: ignore[arg-type]
+                h, v_first, st = block(blk, cfg, h, st, v_first, idx == 0, span, at)
             return (h, v_first), tuple(st)
 
         xs = (params.blocks, jnp.arange(cfg.n_layer), state.att_shift, state.ffn_shift, state.wkv)

@@ -1,0 +1,242 @@
+"""One decode token's per-head time-mix work as a single Pallas (Triton) kernel on NVIDIA GPUs.
+
+Between the receptance/key/value matvecs and the output matvec, one decode token of
+model.time_mix is a chain of small element-wise steps and four LoRA up-projections: decay,
+in-context rate, value residual and gate; the removal key's per-head normalisation; the WKV-7
+state update and readout; the per-head group norm, the bonus and the gate. XLA runs them as
+~10 kernels per layer of 1.5-3 us each (H200 trace, B = 1), for a few hundred KB of data. Every
+one of these steps is per head — the LoRA ups too, once split by output column — so one program
+per (row, head) does them all:
+
+    ld = -e^{-1/2} σ(w0 + bf16(hw · w2ᵀ));  a = σ(a0 + bf16(ha · a2ᵀ));  g = bf16(hg · g2ᵀ)
+    v_first = v (layer 0);  v += (v_first - v) σ(v0 + bf16(hv · v2ᵀ))
+    kk = normalize(k k_k);  k *= 1 + (a - 1) k_a
+    S ← S diag(e^{ld}) + v kᵀ + (S(-kk)) (kk a)ᵀ;  y = S r
+    out = (groupnorm(y) + (Σ r k r_k) v) g
+
+(bf16(·) = the compute dtype's rounding of a matmul result, as model.matmul does). Only the
+summation order differs from the XLA path, which stays the reference and every other
+backend's program (tests/test_gpu_time_mix.py checks the kernel against it).
+
+The kernel reads the stacked layers' LoRA matrices, vectors and WKV state in place (whole
+arrays and the layer index, as gpu_kernels does): a custom call given the scan's slice of a
+layer makes XLA copy it out first. It issues every load before its first reduction (a reduction
+across warps is a barrier that later loads would wait behind): 10.3 -> 6.1 us per call at B = 1.
+
+Measured on an H200 (2.9b Q4_K_M, bf16, `python -m experiments.gpu_trace --cases tg:1:128
+tg:4:64 tg:64:32`, one process per variant on one machine): B = 1 297.9 -> 334.2 tok/s (with the
+launch-shape changes of gpu_kernels: 303.7 without this kernel), B = 4 716.0 -> 834.6, B = 64
+5323.9 -> 5972.9; 1093 -> 901 kernels per token at B = 1. Float32 decode with and without it:
+logits within 3.4e-6 x their std (KL 4e-12) over 6 steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+Array = jax.Array
+
+# rows (streams) one decode step may have to take this kernel
+MAX_ROWS = 64
+# LoRA ranks are split into power-of-two pieces of at most this many columns per load
+MAX_PIECE = 128
+# H200, 2.9b, generation loop (experiments/gpu_trace --time-mix-warps): 8 warps 6.1 us per call
+# at B = 1 (334.2 tok/s), 4 warps 7.0 us (328.7 tok/s)
+NUM_WARPS = 8
+# RWKV_JAX_PALLAS=0 keeps the XLA path on GPUs (as for gpu_kernels)
+ENABLED = os.environ.get("RWKV_JAX_PALLAS", "1") != "0"
+_DENSE = ("F32", "F16", "BF16")
+
+
+def pieces(d: int) -> tuple[tuple[int, int], ...]:
+    """(start, width) power-of-two pieces of [0, d), widest first, each <= MAX_PIECE."""
+    out, start = [], 0
+    while start < d:
+        width = min(MAX_PIECE, 1 << ((d - start).bit_length() - 1))
+        out.append((start, width))
+        start += width
+    return tuple(out)
+
+
+def supports(rows: int, tokens: int, head_size: int, ups: Sequence) -> bool:
+    """Whether one decode token of `rows` streams with these LoRA up matrices (unstacked
+    quant.Weight, (C, D)) runs here: dense formats, a power-of-two head size."""
+    return (
+        ENABLED
+        and tokens == 1
+        and 1 <= rows <= MAX_ROWS
+        and head_size >= 16
+        and head_size & (head_size - 1) == 0
+        and all(type(w).__name__ in _DENSE and w.w.ndim == 2 for w in ups)
+    )
+
+
+def time_mix_heads(
+    layer: Array,
+    first: bool | None,
+    active: Array,
+    rkv: tuple[Array, Array, Array],
+    v_first: Array,
+    hidden: tuple[Array, Array, Array, Array],
+    ups: tuple[Array, Array, Array, Array],
+    vectors: tuple[Array, ...],
+    S: Array,
+    *,
+    eps: float,
+    decay_scale: float,
+    l2_eps: float,
+    dtype,
+    round_weights: bool,
+    interpret: bool = False,
+) -> tuple[Array, Array, Array]:
+    """The per-head work of one decode token (module docstring), for B rows.
+
+    layer: int32 [] index into the stacks; first: whether this is the first layer (its v is
+    v_first), None = layer == 0;
+    active: [B] bool (False: a padding row, whose state must not change); rkv: float32 [B, C]
+    each; v_first: float32 [B, C]; hidden: the LoRA hiddens after their activations
+    (tanh(xw w1), xa a1, xv v1, σ(xg g1)) [B, D_i]; ups: the up matrices' stored values
+    [L, C, D_i] (w2, a2, v2, g2); vectors: (w0, a0, v0, k_k, k_a, r_k, ln_x_w, ln_x_b) each
+    [L, C] float32; S: the WKV state [L, B, H, N, N] float32; dtype: the compute dtype whose
+    rounding the matmul results take; round_weights: round the up matrices to dtype first
+    (what the XLA dot does for more than quant.MATVEC_MAX_ROWS rows).
+
+    Returns (out * g [B, C] float32 — the output matvec's input —, v_first [B, C], S [B, H, N, N]).
+    """
+    B, C = rkv[0].shape
+    hidden = tuple(h.astype(dtype) for h in hidden)  # model.matmul casts its input
+    act = active.astype(jnp.float32).reshape(B, 1)
+    args = (
+        jnp.asarray(layer, jnp.int32).reshape(1),
+        act,
+        *rkv,
+        v_first,
+        *hidden,
+        *ups,
+        *vectors,
+        S,
+    )
+    shapes = tuple(a.shape for a in args)
+    call = _call(
+        shapes, first, jnp.dtype(dtype), round_weights, eps, decay_scale, l2_eps, interpret
+    )
+    out, vf, S_new = call(*args)
+    return out.reshape(B, C), vf.reshape(B, C), S_new
+
+
+@functools.cache
+def _call(shapes, first, dtype, round_weights, eps, decay_scale, l2_eps, interpret):
+    """The pallas_call for inputs of these shapes: grid (B rows, H heads); every input passed
+    whole and indexed in the kernel."""
+    f32 = jnp.float32
+    _, B, H, N, _ = shapes[-1]  # the state [L, B, H, N, N]
+    splits = [pieces(s[-1]) for s in shapes[6:10]]  # the hiddens [B, D]
+
+    def kernel(layer_ref, act_ref, r_ref, k_ref, v_ref, vf_ref, *refs):
+        hw_ref, ha_ref, hv_ref, hg_ref = refs[0:4]
+        w2_ref, a2_ref, v2_ref, g2_ref = refs[4:8]
+        w0_ref, a0_ref, v0_ref, kk_ref, ka_ref, rk_ref, lnw_ref, lnb_ref = refs[8:16]
+        s_ref, o_ref, vfo_ref, so_ref = refs[16:20]
+        layer = layer_ref[0]
+        is_first = layer == 0 if first is None else first
+        b, h = pl.program_id(0), pl.program_id(1)
+        cols = pl.ds(pl.multiple_of(h * N, N), N)
+
+        def rounded(x):  # a matmul result as model.matmul returns it
+            return x.astype(dtype).astype(f32)
+
+        def up(pairs):  # [N] columns of hidden · upᵀ for this head, from loaded pieces
+            acc = jnp.zeros((N,), f32)
+            for w, x in pairs:  # w [N, width], x [width]
+                w = w.astype(f32)
+                if round_weights:
+                    w = rounded(w)
+                acc = acc + jnp.sum(w * x.astype(f32)[None, :], axis=1)
+            return rounded(acc)
+
+        def sigmoid(z):
+            return 1.0 / (1.0 + jnp.exp(-z))
+
+        # every load first: a reduction across warps is a barrier, and loads issued after one
+        # wait for it, so interleaving loads with sums makes a chain of memory round trips
+        ups = [
+            [
+                (w_ref[layer, cols, pl.ds(start, width)], x_ref[b, pl.ds(start, width)])
+                for start, width in split
+            ]
+            for w_ref, x_ref, split in zip(
+                (w2_ref, a2_ref, v2_ref, g2_ref),
+                (hw_ref, ha_ref, hv_ref, hg_ref),
+                splits,
+                strict=True,
+            )
+        ]
+        S = s_ref[layer, b, h]  # [N (value), N (key)]
+        r, k, v, vf = (ref[b, cols] for ref in (r_ref, k_ref, v_ref, vf_ref))
+        w0, a0, v0, k_k, k_a, r_k, lnw, lnb = (
+            ref[layer, cols].astype(f32)
+            for ref in (w0_ref, a0_ref, v0_ref, kk_ref, ka_ref, rk_ref, lnw_ref, lnb_ref)
+        )
+        live = act_ref[b, :] != 0.0  # [1]: a padding row leaves its state as it is
+
+        zw, za, zv, zg = (up(pairs) for pairs in ups)
+        ld = -decay_scale * sigmoid(w0 + zw)
+        a = sigmoid(a0 + za)
+        g = zg
+        vf = jnp.where(is_first, v, vf)
+        v = v + (vf - v) * sigmoid(v0 + zv)
+        kk = k * k_k
+        kk = kk / jnp.maximum(jnp.sqrt(jnp.sum(kk * kk)), l2_eps)
+        k = k * (1.0 + (a - 1.0) * k_a)
+
+        # padding row: v = beta = 0, no decay
+        beta = jnp.where(live, kk * a, 0.0)
+        decay = jnp.exp(jnp.where(live, ld, 0.0))
+        v_in = jnp.where(live, v, 0.0)
+        sa = jnp.sum(S * (-kk)[None, :], axis=1)  # S·alpha with the old state
+        S = S * decay[None, :] + v_in[:, None] * k[None, :] + sa[:, None] * beta[None, :]
+        y = jnp.sum(S * r[None, :], axis=1)  # readout with the new state
+
+        mu = jnp.mean(y)
+        yc = y - mu
+        yn = yc * lax.rsqrt(jnp.mean(yc * yc) + eps) * lnw + lnb
+        bonus = jnp.sum(r * k * r_k)
+        o_ref[...] = (yn + bonus * v) * g
+        vfo_ref[...] = vf
+        so_ref[...] = S
+
+    def whole(shape):  # the whole array: the kernel indexes it itself
+        return pl.BlockSpec(shape, lambda b, h: (0,) * len(shape))
+
+    row_head = pl.BlockSpec((None, None, N), lambda b, h: (b, h, 0))
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
+        params = cls(num_warps=NUM_WARPS, num_stages=1)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((B, H, N), f32),
+            jax.ShapeDtypeStruct((B, H, N), f32),
+            jax.ShapeDtypeStruct((B, H, N, N), f32),
+        ),
+        grid=(B, H),
+        in_specs=[whole(s) for s in shapes],
+        out_specs=(
+            row_head,
+            row_head,
+            pl.BlockSpec((None, None, N, N), lambda b, h: (b, h, 0, 0)),
+        ),
+        compiler_params=params,
+        interpret=interpret,
+        name="rwkv_jax_time_mix_heads",
+    )

@@ -1,0 +1,196 @@
+"""The fused per-head decode kernel (rwkv_jax/gpu_time_mix.py) against the XLA path
+(model.heads), in Pallas' interpreter on the CPU; its Triton lowering for CUDA; and the model's
+decode with the kernel wired in (stacked and unrolled layers) against the model without it."""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import rwkv_jax
+from rwkv_jax import gpu_time_mix, model, quant, wkv
+from rwkv_jax.generate import decode_step
+
+H, N, C, L = 2, 16, 32, 3
+RANKS = (24, 16, 8, 40)  # w, a, v, g: 24 and 40 take two power-of-two pieces
+TRITON = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+
+
+def _params(rng, dense=np.float16):
+    """Stacked random layer parameters the heads use (a stand-in for params.Block), as exact
+    small multiples of 1/16 so the LoRA-up sums are exact whatever their order."""
+
+    def vec(scale=1.0):
+        return jnp.asarray(scale * rng.standard_normal((L, C)), jnp.float32)
+
+    def up(d):  # [L, C, d]
+        q = rng.integers(-4, 5, (L, C, d)) / 16.0
+        return quant.dense_weight(jnp.asarray(q, dense))
+
+    w2, a2, v2, g2 = (up(d) for d in RANKS)
+    return types.SimpleNamespace(
+        w0=vec(), a0=vec(), v0=vec(), k_k=vec(), k_a=vec(),
+        r_k=jnp.asarray(rng.standard_normal((L, H, N)), jnp.float32),
+        ln_x_w=vec(), ln_x_b=vec(0.1), w2=w2, a2=a2, v2=v2, g2=g2,
+    )  # fmt: skip
+
+
+def _layer(p, i: int):
+    """Layer i of the stacked stand-in, as the scan would slice it."""
+    return types.SimpleNamespace(**{n: jax.tree.map(lambda a: a[i], v) for n, v in vars(p).items()})
+
+
+def _inputs(rng, B: int, dtype):
+    rkv = tuple(jnp.asarray(rng.standard_normal((B, 1, C)), jnp.float32) for _ in range(3))
+    v_first = jnp.asarray(rng.standard_normal((B, 1, C)), jnp.float32)
+    # hiddens as the model passes them (float32 activations of dtype-rounded products); multiples
+    # of 1/8 in [-1, 1] are exact in every compute dtype
+    hidden = tuple(jnp.asarray(rng.integers(-8, 9, (B, 1, d)) / 8.0, jnp.float32) for d in RANKS)
+    S = jnp.asarray(rng.standard_normal((L, B, H, N, N)), jnp.float32)
+    return rkv, v_first, hidden, S
+
+
+CFG = types.SimpleNamespace(n_head=H, head_size=N, group_norm_eps=64e-5)
+
+
+@pytest.mark.parametrize(("B", "layer"), [(1, 1), (3, 0), (6, 2)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_kernel_matches_xla_heads(B, layer, dtype):
+    """Kernel (interpreted) == model.heads on the same inputs: outputs within float32 reordering
+    of sums over a head (N = 16 terms, each step of the chain a few ulp: 1e-5 relative), v_first
+    exact, and a padding row's state untouched bit for bit."""
+    rng = np.random.default_rng(100 * B + layer)
+    p = _params(rng)
+    (r, k, v), v_first, hidden, S = _inputs(rng, B, dtype)
+    active = np.ones(B, bool)
+    active[-1] = B == 1  # the last row pads (when there are several)
+    valid = jnp.asarray(active)[:, None]
+    span = model.Span(valid, valid[:, 0].astype(jnp.int32), wkv.wkv7_sequential, dtype)
+    want = model.heads(_layer(p, layer), CFG, r, k, v, v_first, layer == 0, hidden, S[layer], span)
+
+    got = gpu_time_mix.time_mix_heads(
+        jnp.int32(layer),
+        None if layer != 1 else False,  # layer 1 passes `first` as the unrolled model does
+        jnp.asarray(active),
+        (r[:, 0], k[:, 0], v[:, 0]),
+        v_first[:, 0],
+        tuple(h[:, 0] for h in hidden),
+        (p.w2.w, p.a2.w, p.v2.w, p.g2.w),
+        tuple(a.reshape(L, C) for a in (p.w0, p.a0, p.v0, p.k_k, p.k_a, p.r_k, p.ln_x_w, p.ln_x_b)),
+        S,
+        eps=CFG.group_norm_eps,
+        decay_scale=model.DECAY_SCALE,
+        l2_eps=model.L2_EPS,
+        dtype=dtype,
+        round_weights=B > quant.MATVEC_MAX_ROWS,
+        interpret=True,
+    )
+    out, vf, S_new = (np.asarray(a) for a in got)
+    w_out, w_vf, w_S = (np.asarray(a) for a in want)
+    np.testing.assert_array_equal(vf, w_vf[:, 0])
+    np.testing.assert_allclose(out, w_out[:, 0], rtol=1e-5, atol=1e-5 * np.abs(w_out).max())
+    np.testing.assert_allclose(S_new, w_S, rtol=1e-5, atol=1e-5 * np.abs(w_S).max())
+    if B > 1:
+        np.testing.assert_array_equal(S_new[-1], np.asarray(S[layer, -1]))
+
+
+def test_pieces_cover_the_rank():
+    for d in (8, 24, 40, 96, 320, 64, 7):
+        got = gpu_time_mix.pieces(d)
+        assert sum(w for _, w in got) == d
+        assert all(w & (w - 1) == 0 and w <= gpu_time_mix.MAX_PIECE for _, w in got)
+        assert [s for s, _ in got] == list(np.cumsum([0] + [w for _, w in got])[:-1])
+
+
+@pytest.mark.parametrize("B", [1, 8])
+def test_lowers_to_triton_for_cuda(B):
+    """The kernel passes Pallas' Triton lowering for CUDA at the 2.9b model's sizes (C = 2560,
+    ranks 96/96/64/320, head size 64), reading the stacks whole."""
+    C_, L_, H_, ranks = 2560, 4, 40, (96, 96, 64, 320)
+    f32 = jnp.float32
+    args = (
+        jnp.int32(0),
+        None,
+        jnp.ones((B,), bool),
+        tuple(jnp.ones((B, C_), f32) for _ in range(3)),
+        jnp.ones((B, C_), f32),
+        tuple(jnp.ones((B, d), f32) for d in ranks),
+        tuple(jnp.ones((L_, C_, d), jnp.float16) for d in ranks),
+        tuple(jnp.ones((L_, C_), f32) for _ in range(8)),
+        jnp.ones((L_, B, H_, 64, 64), f32),
+    )
+    f = jax.jit(
+        functools.partial(
+            gpu_time_mix.time_mix_heads,
+            eps=1e-5,
+            decay_scale=model.DECAY_SCALE,
+            l2_eps=model.L2_EPS,
+            dtype=jnp.bfloat16,
+            round_weights=B > 4,
+        )
+    )
+    text = export.export(f, platforms=["cuda"], disabled_checks=TRITON)(*args).mlir_module()
+    call = [ln for ln in text.splitlines() if "__gpu$xla.gpu.triton" in ln]
+    assert len(call) == 1
+    assert f"tensor<{L_}x{B}x{H_}x64x64xf32>" in call[0]  # the whole state stack
+    assert "dynamic_slice" not in text
+
+
+def _force_kernel(monkeypatch):
+    """Run the model's CUDA branch of heads_step on the CPU, the kernel interpreted: model.lax is
+    replaced by jax.lax whose platform_dependent picks `cuda` (heads_step is model.py's only
+    platform_dependent; the matmuls dispatch in quant.py, untouched)."""
+    fake = types.SimpleNamespace(**{n: getattr(jax.lax, n) for n in dir(jax.lax) if n[0] != "_"})
+    fake.platform_dependent = lambda *args, cuda, default: cuda(*args)
+    monkeypatch.setattr(model, "lax", fake)
+    calls = []
+    interpreted = functools.partial(gpu_time_mix.time_mix_heads, interpret=True)
+
+    def spy(*args, **kw):
+        calls.append(args[-1].shape)  # the state the kernel reads
+        return interpreted(*args, **kw)
+
+    monkeypatch.setattr(gpu_time_mix, "time_mix_heads", spy)
+    return calls
+
+
+@pytest.mark.parametrize("stack_layers", [True, False], ids=["stacked", "unrolled"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_decode_with_kernel_matches_xla(monkeypatch, synth_model, stack_layers, B):
+    """Three decode steps of the tiny model through the kernel equal the XLA path's: the layer
+    index, first-layer value residual, stacked vectors and state all wired right."""
+    m = rwkv_jax.load(synth_model("tiny", "Q8_0"), stack_layers=stack_layers, dtype="float32")
+    rng = np.random.default_rng(B)
+    toks = jnp.asarray(rng.integers(0, m.config.vocab_size, (3, B)), jnp.int32)
+
+    def run():
+        st, logits = m.new_state(B), []
+        for t in toks:
+            lg, st = decode_step(m.params, t, st, cfg=m.config, dtype=m.dtype)
+            logits.append(np.asarray(lg))
+        return np.stack(logits), st
+
+    want_logits, want_st = run()
+    calls = _force_kernel(monkeypatch)
+    jax.clear_caches()
+    got_logits, got_st = run()
+    L_, H_, N_ = m.config.n_layer, m.config.n_head, m.config.head_size
+    # traced once per jit (stacked: the scan body; unrolled: once per layer)
+    assert calls == [(L_ if stack_layers else 1, B, H_, N_, N_)] * (1 if stack_layers else L_)
+    jax.clear_caches()
+    scale = np.abs(want_logits).max()
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(
+        np.asarray(got_st.wkv), np.asarray(want_st.wkv), rtol=1e-4, atol=1e-5
+    )
+    # the first layer's input does not depend on the kernel; later layers' do, by rounding
+    np.testing.assert_array_equal(np.asarray(got_st.att_shift[0]), np.asarray(want_st.att_shift[0]))
+    np.testing.assert_allclose(
+        np.asarray(got_st.ffn_shift), np.asarray(want_st.ffn_shift), rtol=1e-4, atol=1e-5
+    )
