@@ -146,7 +146,8 @@ def matmul_group(
     split: int | None = None,
     num_stages: int | None = None,
     factored: bool | None = None,
-) -> list[Array]:
+    partials: bool = False,
+) -> list[Array] | Array:
     """[x_g @ W_g^T] for G weights of one format and shape and G inputs of one shape, in one
     launch (the receptance, key and value matrices of a layer: three small launches cost more
     than one three times the size). Each -> float32 [..., out].
@@ -155,6 +156,8 @@ def matmul_group(
     to x's dtype (as the XLA path's dequantize-then-dot does) and multiplied on tensor cores with
     float32 accumulation. block_rows / num_warps / split / num_stages / factored override the
     launch shape and the accumulation (tuning: experiments/gpu_matvec.py, gpu_trace.py).
+    partials: return the kernel's split-K partial sums as they are, float32 [G, parts, out, M]
+    (M = the rows padded to a power of two), for a consumer that adds them itself.
     """
     w0, x0 = weights[0], xs[0]
     if any(type(w) is not type(w0) or w.shape != w0.shape for w in weights) or any(
@@ -177,12 +180,13 @@ def matmul_group(
         # free reshapes to the kernel's power-of-two views: fields [out, nb, ...]
         lead_w = (-1,) if stacked else ()
         arrays += [getattr(w, f).reshape(*lead_w, out, nb, *v) for f, v in fmt.fields]
-        # x plane-major: [M, nb, 2 planes, *plane view] (rows) or [nb, 2, 128, M] (tensor cores)
-        xv = jnp.moveaxis(xr.reshape(m, nb, *fmt.x_view), 2 + fmt.plane_axis, 2)
+        # x [M, nb, *x view] as it is, dtype too (rows: the kernel picks each plane and widens
+        # it, so no XLA kernel rearranges x first) or [nb, 2 planes, 128, M] (tensor cores)
+        xv = xr.reshape(m, nb, *fmt.x_view)
         if mma:
-            arrays.append(jnp.moveaxis(xv.reshape(m, nb, 2, QK_K // 2), 0, -1))
-        else:
-            arrays.append(xv.astype(jnp.float32))
+            xv = jnp.moveaxis(xv, 2 + fmt.plane_axis, 2)  # [M, nb, 2 planes, *plane view]
+            xv = jnp.moveaxis(xv.reshape(m, nb, 2, QK_K // 2), 0, -1)
+        arrays.append(xv)
     wide = WIDE_ROWS if out >= WIDE_OUT else None
     tile = _row_tile(out, block_rows or (MMA_ROWS if mma else wide))
     parts = _parts(nb, split or (MMA_SPLIT if mma else SPLIT))
@@ -196,6 +200,8 @@ def matmul_group(
     if stacked:
         arrays.insert(0, jnp.asarray(layer, jnp.int32).reshape(1))
     partial = call(*arrays)  # [G, parts, out, M]
+    if partials:
+        return partial
     y = partial[:, 0] if parts == 1 else jnp.sum(partial, axis=1)  # [G, out, M]
     return [y[g].T[:rows].reshape(*lead, out) for g in range(groups)]
 
@@ -242,9 +248,15 @@ def _call(
     group_specs = [field_spec(s) for s in shapes[:n_fields]]
     if mma:  # x [nb, 2, 128, M]
         group_specs.append(pl.BlockSpec((per, 2, QK_K // 2, m), lambda i, k: (k, 0, 0, 0)))
-    else:  # x [M, nb, 2, *plane view]
+    else:  # x [M, nb, *x view]
         zeros = (0,) * (len(shapes[-1]) - 2)
         group_specs.append(pl.BlockSpec((m, per, *shapes[-1][2:]), lambda i, k: (0, k, *zeros)))
+
+    def x_plane(x_ref, r, s, k):
+        # row r's plane k of super-block s, float32 [*plane view]: a strided load of x's view
+        at = tuple(k if a == fmt.plane_axis else slice(None) for a in range(len(fmt.x_view)))
+        return x_ref[(r, s, *at)].astype(jnp.float32)
+
     in_specs = group_specs * groups
     if stacked:
         in_specs.insert(0, pl.BlockSpec((1,), lambda i, k: (0,)))
@@ -254,7 +266,7 @@ def _call(
         # cross-lane reduction happens once, at the end
         *fields, x_ref = ins
         for k, w in enumerate(fmt.planes(get, *fields, s)):
-            accs = tuple(acc + w * x_ref[r, s, k][None] for r, acc in enumerate(accs))
+            accs = tuple(acc + w * x_plane(x_ref, r, s, k)[None] for r, acc in enumerate(accs))
         return accs
 
     def factored_step(get, s, ins, accs):
@@ -263,7 +275,7 @@ def _call(
         for k, (q, scale, offset) in enumerate(fmt.parts(get, *fields, s)):
             new = []
             for r, acc in enumerate(accs):
-                xk = x_ref[r, s, k]  # [*plane view]
+                xk = x_plane(x_ref, r, s, k)  # [*plane view]
                 qx = jnp.sum(q * xk[None], axis=-1, keepdims=True)
                 xs = jnp.sum(xk, axis=-1, keepdims=True)[None]
                 new.append(acc + scale * qx - offset * xs)

@@ -82,7 +82,7 @@ def time_mix_heads(
     layer: Array,
     first: bool | None,
     active: Array,
-    rkv: tuple[Array, Array, Array],
+    rkv: Array,
     v_first: Array,
     hidden: tuple[Array, Array, Array, Array],
     ups: tuple[Array, Array, Array, Array],
@@ -99,30 +99,25 @@ def time_mix_heads(
     """The per-head work of one decode token (module docstring), for B rows.
 
     layer: int32 [] index into the stacks; first: whether this is the first layer (its v is
-    v_first), None = layer == 0;
-    active: [B] bool (False: a padding row, whose state must not change); rkv: float32 [B, C]
-    each; v_first: float32 [B, C]; hidden: the LoRA hiddens after their activations
-    (tanh(xw w1), xa a1, xv v1, σ(xg g1)) [B, D_i]; ups: the up matrices' stored values
-    [L, C, D_i] (w2, a2, v2, g2); vectors: (w0, a0, v0, k_k, k_a, r_k, ln_x_w, ln_x_b) each
-    [L, C] float32; S: the WKV state [L, B, H, N, N] float32; dtype: the compute dtype whose
-    rounding the matmul results take; round_weights: round the up matrices to dtype first
-    (what the XLA dot does for more than quant.MATVEC_MAX_ROWS rows).
+    v_first), None = layer == 0; active: [B] bool (False: a padding row, whose state must not
+    change); rkv: the receptance, key and value matvecs as P split-K partial sums, float32
+    [3, P, M >= B, C] (the grouped kernel's `partials` at one row, or P = 1: the products; the
+    kernel adds them and rounds to dtype, as the matmul would); v_first: float32 [B, C];
+    hidden: the LoRA hiddens after their activations (tanh(xw w1), xa a1, xv v1, σ(xg g1))
+    [B, D_i]; ups: the up matrices' stored values [L, C, D_i] (w2, a2, v2, g2); vectors: (w0,
+    a0, v0, k_k, k_a, r_k, ln_x_w, ln_x_b) each [L, C] float32; S: the WKV state
+    [L, B, H, N, N] float32; dtype: the compute dtype whose rounding the matmul results take;
+    round_weights: round the up matrices to dtype first (what the XLA dot does for more than
+    quant.MATVEC_MAX_ROWS rows).
 
-    Returns (out * g [B, C] float32 — the output matvec's input —, v_first [B, C], S [B, H, N, N]).
+    Returns (out * g [B, C] in dtype — the output matvec's input —, v_first [B, C] float32,
+    S [B, H, N, N]).
     """
-    B, C = rkv[0].shape
+    B, C = v_first.shape
     hidden = tuple(h.astype(dtype) for h in hidden)  # model.matmul casts its input
     act = active.astype(jnp.float32).reshape(B, 1)
-    args = (
-        jnp.asarray(layer, jnp.int32).reshape(1),
-        act,
-        *rkv,
-        v_first,
-        *hidden,
-        *ups,
-        *vectors,
-        S,
-    )
+    index = jnp.asarray(layer, jnp.int32).reshape(1)
+    args = (index, act, rkv, v_first, *hidden, *ups, *vectors, S)
     shapes = tuple(a.shape for a in args)
     call = _call(
         shapes, first, jnp.dtype(dtype), round_weights, eps, decay_scale, l2_eps, interpret
@@ -137,9 +132,10 @@ def _call(shapes, first, dtype, round_weights, eps, decay_scale, l2_eps, interpr
     whole and indexed in the kernel."""
     f32 = jnp.float32
     _, B, H, N, _ = shapes[-1]  # the state [L, B, H, N, N]
-    splits = [pieces(s[-1]) for s in shapes[6:10]]  # the hiddens [B, D]
+    splits = [pieces(s[-1]) for s in shapes[4:8]]  # the hiddens [B, D]
+    n_parts = shapes[2][1]  # rkv [3, P, M, C]
 
-    def kernel(layer_ref, act_ref, r_ref, k_ref, v_ref, vf_ref, *refs):
+    def kernel(layer_ref, act_ref, rkv_ref, vf_ref, *refs):
         hw_ref, ha_ref, hv_ref, hg_ref = refs[0:4]
         w2_ref, a2_ref, v2_ref, g2_ref = refs[4:8]
         w0_ref, a0_ref, v0_ref, kk_ref, ka_ref, rk_ref, lnw_ref, lnb_ref = refs[8:16]
@@ -179,13 +175,15 @@ def _call(shapes, first, dtype, round_weights, eps, decay_scale, l2_eps, interpr
             )
         ]
         S = s_ref[layer, b, h]  # [N (value), N (key)]
-        r, k, v, vf = (ref[b, cols] for ref in (r_ref, k_ref, v_ref, vf_ref))
+        rkv = [[rkv_ref[g, p, b, cols] for p in range(n_parts)] for g in range(3)]
+        vf = vf_ref[b, cols]
         w0, a0, v0, k_k, k_a, r_k, lnw, lnb = (
             ref[layer, cols].astype(f32)
             for ref in (w0_ref, a0_ref, v0_ref, kk_ref, ka_ref, rk_ref, lnw_ref, lnb_ref)
         )
         live = act_ref[b, :] != 0.0  # [1]: a padding row leaves its state as it is
 
+        r, k, v = (rounded(functools.reduce(jnp.add, parts)) for parts in rkv)
         zw, za, zv, zg = (up(pairs) for pairs in ups)
         ld = -decay_scale * sigmoid(w0 + zw)
         a = sigmoid(a0 + za)
@@ -208,7 +206,7 @@ def _call(shapes, first, dtype, round_weights, eps, decay_scale, l2_eps, interpr
         yc = y - mu
         yn = yc * lax.rsqrt(jnp.mean(yc * yc) + eps) * lnw + lnb
         bonus = jnp.sum(r * k * r_k)
-        o_ref[...] = (yn + bonus * v) * g
+        o_ref[...] = ((yn + bonus * v) * g).astype(o_ref.dtype)
         vfo_ref[...] = vf
         so_ref[...] = S
 
@@ -225,7 +223,7 @@ def _call(shapes, first, dtype, round_weights, eps, decay_scale, l2_eps, interpr
     return pl.pallas_call(
         kernel,
         out_shape=(
-            jax.ShapeDtypeStruct((B, H, N), f32),
+            jax.ShapeDtypeStruct((B, H, N), dtype),
             jax.ShapeDtypeStruct((B, H, N), f32),
             jax.ShapeDtypeStruct((B, H, N, N), f32),
         ),

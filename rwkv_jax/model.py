@@ -125,7 +125,7 @@ def time_mix(
     d, att_shift = token_shift(u, st.att_shift, span.lengths)
     xr, xw, xk, xv, xa, xg = (u + d * lead(blk.x_rwkvag[i], 3) for i in range(6))
 
-    r, k, v = matmuls([(blk.receptance, xr), (blk.key, xk), (blk.value, xv)], dtype)
+    rkv = [(blk.receptance, xr), (blk.key, xk), (blk.value, xv)]
     # LoRA hiddens (BlinkDL's row-vector notation: x·down, then ·up inside heads())
     hidden = (
         jnp.tanh(matmul(blk.w1, xw, dtype)),  # decay
@@ -133,7 +133,8 @@ def time_mix(
         matmul(blk.v1, xv, dtype),  # value residual
         jax.nn.sigmoid(matmul(blk.g1, xg, dtype)),  # output gate
     )
-    out, v_first, S = heads_step(blk, cfg, r, k, v, v_first, is_first, hidden, st.wkv, span, at)
+    # out: in the compute dtype, the output matmul's input
+    out, v_first, S = heads_step(blk, cfg, rkv, v_first, is_first, hidden, st.wkv, span, at)
     return matmul(blk.output, out, dtype), v_first, att_shift, S
 
 
@@ -190,9 +191,7 @@ def heads(
 def heads_step(
     blk: Block,
     cfg: ModelConfig,
-    r: Array,
-    k: Array,
-    v: Array,
+    rkv: list[tuple[quant.Weight, Array]],
     v_first: Array,
     is_first: Array | bool,
     hidden: tuple[Array, Array, Array, Array],
@@ -200,19 +199,26 @@ def heads_step(
     span: Span,
     at: LayerAt | None,
 ) -> tuple[Array, Array, Array]:
-    """heads(); one decode token on NVIDIA GPUs as one kernel (gpu_time_mix), which reads the
-    stacked layer `at` in place (or the unstacked `blk` and state S)."""
-    B, T, C = r.shape
+    """The receptance, key and value matmuls of `rkv` ((W, x) pairs), then heads(). One decode
+    token on NVIDIA GPUs takes one kernel (gpu_time_mix) for the heads, which also adds up the
+    grouped matvecs' split-K partial sums, and reads the stacked layer `at` in place (or the
+    unstacked `blk` and state S)."""
+    dtype = span.dtype
+    ws = [w for w, _ in rkv]
+    B, T, C = rkv[0][1].shape
     ups = (blk.w2, blk.a2, blk.v2, blk.g2)
     layers = [w.layer if isinstance(w, quant.LayerOf) else w for w in ups]
 
-    def xla(r, k, v, v_first, S, *hidden):
-        return heads(blk, cfg, r, k, v, v_first, is_first, tuple(hidden), S, span)
+    def xla(xr, xk, xv, v_first, S, *hidden):
+        r, k, v = matmuls(list(zip(ws, (xr, xk, xv), strict=True)), dtype)
+        out, v_first, S = heads(blk, cfg, r, k, v, v_first, is_first, tuple(hidden), S, span)
+        return out.astype(dtype), v_first, S
 
+    xs = tuple(x for _, x in rkv)
     if not gpu_time_mix.supports(B, T, cfg.head_size, layers) or (
         backends.current_profile().matvec == "fused"  # Metal: the program it compiles
     ):
-        return xla(r, k, v, v_first, S, *hidden)
+        return xla(*xs, v_first, S, *hidden)
     src = blk if at is None else at.blocks
     one = (lambda a: a[None]) if at is None else (lambda a: a)  # noqa: E731  a leading L axis
     vectors = tuple(
@@ -222,28 +228,36 @@ def heads_step(
     up_values = tuple(one(w.w) if at is None else w.stack.w for w in ups)  # [L, C, D]
     index = jnp.zeros((), jnp.int32) if at is None else at.index
     first = bool(is_first) if at is None else None  # stacked: the kernel asks layer == 0
-    S_all = S[None] if at is None else at.wkv
 
-    def kernel(r, k, v, v_first, S, *hidden):
+    def kernel(xr, xk, xv, v_first, S, *hidden):
+        pairs = list(zip(ws, (xr.astype(dtype), xk.astype(dtype), xv.astype(dtype)), strict=True))
+        # one row: the grouped kernel's partial sums [3, P, C, 1] as they are ([3, P, 1, C]:
+        # the same bytes); more rows (M > 1: each row's values lie M apart there) or no group:
+        # the summed products [3, 1, B, C]
+        parts = quant.group_partials(pairs) if B == 1 else None
+        if parts is None:
+            parts = jnp.stack([y[:, 0] for y in matmuls(pairs, dtype)])[:, None]
+        else:
+            parts = parts.reshape(3, -1, 1, C)
         out, v_first, S = gpu_time_mix.time_mix_heads(
             index,
             first,
             span.valid[:, 0],
-            (r[:, 0], k[:, 0], v[:, 0]),
+            parts,
             v_first[:, 0],
             tuple(h[:, 0] for h in hidden),
             up_values,
             vectors,
-            S_all,
+            S[None] if at is None else at.wkv,
             eps=cfg.group_norm_eps,
             decay_scale=DECAY_SCALE,
             l2_eps=L2_EPS,
-            dtype=span.dtype,
+            dtype=dtype,
             round_weights=B > quant.MATVEC_MAX_ROWS,
         )
         return out[:, None], v_first[:, None], S
 
-    return lax.platform_dependent(r, k, v, v_first, S, *hidden, cuda=kernel, default=xla)
+    return lax.platform_dependent(*xs, v_first, S, *hidden, cuda=kernel, default=xla)
 
 
 def channel_mix(

@@ -288,6 +288,20 @@ def matmul_group(pairs: Sequence[tuple[Weight | LayerOf, Array]]) -> list[Array]
     def separate(*xs):
         return tuple(w.matmul(x) for w, x in zip(ws, xs, strict=True))
 
+    if _groupable(pairs) is None:
+        return list(separate(*xs))
+
+    def grouped(*xs):
+        ys = group_partials(list(zip(ws, xs, strict=True)), summed=True)
+        return tuple(y.astype(x.dtype) for y, x in zip(ys, xs, strict=True))  # type: ignore
+
+    return list(lax.platform_dependent(*xs, cuda=grouped, default=separate))
+
+
+def _groupable(pairs: Sequence[tuple[Weight | LayerOf, Array]]):
+    """(weights or stacks, layer index or None) when `pairs` can run as one Pallas launch on
+    CUDA (see matmul_group), else None."""
+    ws, xs = [w for w, _ in pairs], [x for _, x in pairs]
     stacked = isinstance(ws[0], LayerOf)
     layers = [w.layer if isinstance(w, LayerOf) else w for w in ws]
     w0, x0 = layers[0], xs[0]
@@ -305,15 +319,23 @@ def matmul_group(pairs: Sequence[tuple[Weight | LayerOf, Array]]) -> list[Array]
         or backends.current_profile().matvec == "fused"  # Metal: the program it compiles
         or not gpu_kernels.supports(w0, rows, x0.dtype)
     ):
-        return list(separate(*xs))
+        return None
     operands = [w.stack for w in ws] if stacked else layers  # type: ignore[union-attr]
-    index = ws[0].index if stacked else None  # type: ignore[union-attr]
+    return operands, (ws[0].index if stacked else None)  # type: ignore[union-attr]
 
-    def grouped(*xs):
-        ys = gpu_kernels.matmul_group(operands, xs, layer=index)
-        return tuple(y.astype(x.dtype) for y, x in zip(ys, xs, strict=True))
 
-    return list(lax.platform_dependent(*xs, cuda=grouped, default=separate))
+def group_partials(
+    pairs: Sequence[tuple[Weight | LayerOf, Array]], summed: bool = False
+) -> Array | list[Array] | None:
+    """For a CUDA branch: the one-launch products of `pairs` as the kernel's split-K partial
+    sums, float32 [G, parts, out, M] (gpu_kernels.matmul_group's `partials`), or summed per
+    pair (float32 [..., out]); None when they do not run as one launch (see matmul_group)."""
+    group = _groupable(pairs)
+    if group is None:
+        return None
+    operands, index = group
+    xs = [x for _, x in pairs]
+    return gpu_kernels.matmul_group(operands, xs, layer=index, partials=not summed)
 
 
 def _cpu_native(w: Weight) -> bool:

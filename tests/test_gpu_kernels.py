@@ -33,7 +33,8 @@ def _bound_matrix(cls, raw: np.ndarray, shape) -> np.ndarray:
     ("rows", "split", "tile"), [(1, 1, 16), (3, 1, 32), (4, 2, 16), (2, 5, 16)]
 )
 @pytest.mark.parametrize("factored", [False, True], ids=["elementwise", "factored"])
-def test_matvec_matches_float64(cls, rows, split, tile, factored):
+@pytest.mark.parametrize("x_dtype", [np.float32, jnp.bfloat16], ids=["x_f32", "x_bf16"])
+def test_matvec_matches_float64(cls, rows, split, tile, factored, x_dtype):
     """Kernel vs float64 x @ deq^T, within the float32 summation bound of its own terms (both
     accumulations: the factored one never forms a value, so it also differs from ggml's rounded
     values by <= u |value x| per term — inside the same 2n-term bound)."""
@@ -42,12 +43,14 @@ def test_matvec_matches_float64(cls, rows, split, tile, factored):
     raw = _random_raw(cls, shape, rng)
     deq = _reference(cls, raw, shape).astype(np.float64)
     w = cls.from_raw(raw, shape)
-    x = rng.standard_normal((rows, shape[1])).astype(np.float32)
+    # x in its own dtype and layout: the kernel picks each plane and widens it to float32
+    x = rng.standard_normal((rows, shape[1])).astype(x_dtype)
     got = np.asarray(
         gpu_kernels.matmul(
             w, jnp.asarray(x), interpret=True, split=split, block_rows=tile, factored=factored
         )
     )
+    x = x.astype(np.float32)
     want = x.astype(np.float64) @ deq.T
     # float32 products and sums of n terms (two per element for Q4_K's scale and offset parts):
     # |error| <= 2n u/(1 - 2n u) * sum |terms| + u |result| (Higham's bound for a sum; u = 2^-24)

@@ -14,7 +14,7 @@ import pytest
 from jax import export
 
 import rwkv_jax
-from rwkv_jax import gpu_time_mix, model, quant, wkv
+from rwkv_jax import gpu_kernels, gpu_time_mix, model, quant, wkv
 from rwkv_jax.generate import decode_step
 
 H, N, C, L = 2, 16, 32, 3
@@ -47,7 +47,12 @@ def _layer(p, i: int):
 
 
 def _inputs(rng, B: int, dtype):
-    rkv = tuple(jnp.asarray(rng.standard_normal((B, 1, C)), jnp.float32) for _ in range(3))
+    # r, k, v as the grouped matvec hands them over: multiples of 1/64 in [-2, 2] (exact in
+    # bf16, so the kernel's rounding of their sums changes nothing), and as two split-K partial
+    # sums [3, 2, B, C] whose float32 sum is exact
+    rkv = tuple(
+        jnp.asarray(rng.integers(-128, 129, (B, 1, C)) / 64.0, jnp.float32) for _ in range(3)
+    )
     v_first = jnp.asarray(rng.standard_normal((B, 1, C)), jnp.float32)
     # hiddens as the model passes them (float32 activations of dtype-rounded products); multiples
     # of 1/8 in [-1, 1] are exact in every compute dtype
@@ -73,12 +78,15 @@ def test_kernel_matches_xla_heads(B, layer, dtype):
     valid = jnp.asarray(active)[:, None]
     span = model.Span(valid, valid[:, 0].astype(jnp.int32), wkv.wkv7_sequential, dtype)
     want = model.heads(_layer(p, layer), CFG, r, k, v, v_first, layer == 0, hidden, S[layer], span)
+    second = jnp.asarray(rng.integers(-64, 65, (3, B, C)) / 64.0, jnp.float32)
+    first_part = jnp.stack([r[:, 0], k[:, 0], v[:, 0]]) - second
+    parts = jnp.stack([first_part, second], axis=1)  # [3, 2, B, C]
 
     got = gpu_time_mix.time_mix_heads(
         jnp.int32(layer),
         None if layer != 1 else False,  # layer 1 passes `first` as the unrolled model does
         jnp.asarray(active),
-        (r[:, 0], k[:, 0], v[:, 0]),
+        parts,
         v_first[:, 0],
         tuple(h[:, 0] for h in hidden),
         (p.w2.w, p.a2.w, p.v2.w, p.g2.w),
@@ -91,10 +99,14 @@ def test_kernel_matches_xla_heads(B, layer, dtype):
         round_weights=B > quant.MATVEC_MAX_ROWS,
         interpret=True,
     )
-    out, vf, S_new = (np.asarray(a) for a in got)
+    out, vf, S_new = (np.asarray(a, np.float32) for a in got)
     w_out, w_vf, w_S = (np.asarray(a) for a in want)
+    assert got[0].dtype == dtype  # the output matmul's input, rounded by the kernel
     np.testing.assert_array_equal(vf, w_vf[:, 0])
-    np.testing.assert_allclose(out, w_out[:, 0], rtol=1e-5, atol=1e-5 * np.abs(w_out).max())
+    # out: float32 reordering (1e-5) and, in bf16, one rounding of each: where the two float32
+    # values straddle a rounding boundary they round one bf16 ulp (<= 2^-8 relative) apart
+    rtol = 1e-5 + (2.0**-8 if dtype == jnp.bfloat16 else 0.0)
+    np.testing.assert_allclose(out, w_out[:, 0], rtol=rtol, atol=1e-5 * np.abs(w_out).max())
     np.testing.assert_allclose(S_new, w_S, rtol=1e-5, atol=1e-5 * np.abs(w_S).max())
     if B > 1:
         np.testing.assert_array_equal(S_new[-1], np.asarray(S[layer, -1]))
@@ -118,7 +130,7 @@ def test_lowers_to_triton_for_cuda(B):
         jnp.int32(0),
         None,
         jnp.ones((B,), bool),
-        tuple(jnp.ones((B, C_), f32) for _ in range(3)),
+        jnp.ones((3, 10 if B == 1 else 1, B, C_), f32),
         jnp.ones((B, C_), f32),
         tuple(jnp.ones((B, d), f32) for d in ranks),
         tuple(jnp.ones((L_, C_, d), jnp.float16) for d in ranks),
@@ -142,18 +154,30 @@ def test_lowers_to_triton_for_cuda(B):
     assert "dynamic_slice" not in text
 
 
-def _force_kernel(monkeypatch):
+def _force_kernel(monkeypatch, grouped: bool):
     """Run the model's CUDA branch of heads_step on the CPU, the kernel interpreted: model.lax is
     replaced by jax.lax whose platform_dependent picks `cuda` (heads_step is model.py's only
-    platform_dependent; the matmuls dispatch in quant.py, untouched)."""
+    platform_dependent; the matmuls dispatch in quant.py, untouched). grouped: the receptance,
+    key and value go through the grouped Pallas kernel (interpreted) as on a GPU, handing its
+    split-K partial sums over; else they fall back to three matmuls."""
+    calls = []
+    if grouped:
+        monkeypatch.setattr(quant, "_cpu_native", lambda w: False)  # as off the CPU
+        interpreted_group = functools.partial(gpu_kernels.matmul_group, interpret=True)
+
+        def group_spy(*args, **kw):
+            if kw.get("partials"):  # (other matmuls trace their CUDA branches here too)
+                calls.append("partials")
+            return interpreted_group(*args, **kw)
+
+        monkeypatch.setattr(gpu_kernels, "matmul_group", group_spy)
     fake = types.SimpleNamespace(**{n: getattr(jax.lax, n) for n in dir(jax.lax) if n[0] != "_"})
     fake.platform_dependent = lambda *args, cuda, default: cuda(*args)
     monkeypatch.setattr(model, "lax", fake)
-    calls = []
     interpreted = functools.partial(gpu_time_mix.time_mix_heads, interpret=True)
 
     def spy(*args, **kw):
-        calls.append(args[-1].shape)  # the state the kernel reads
+        calls.append((args[3].shape[1], args[-1].shape))  # partial sums, the state it reads
         return interpreted(*args, **kw)
 
     monkeypatch.setattr(gpu_time_mix, "time_mix_heads", spy)
@@ -161,11 +185,12 @@ def _force_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize("stack_layers", [True, False], ids=["stacked", "unrolled"])
-@pytest.mark.parametrize("B", [1, 3])
-def test_decode_with_kernel_matches_xla(monkeypatch, synth_model, stack_layers, B):
+@pytest.mark.parametrize(("B", "qtype"), [(1, "Q8_0"), (3, "Q8_0"), (1, "Q4_K_M"), (3, "Q4_K_M")])
+def test_decode_with_kernel_matches_xla(monkeypatch, synth_model, stack_layers, B, qtype):
     """Three decode steps of the tiny model through the kernel equal the XLA path's: the layer
-    index, first-layer value residual, stacked vectors and state all wired right."""
-    m = rwkv_jax.load(synth_model("tiny", "Q8_0"), stack_layers=stack_layers, dtype="float32")
+    index, first-layer value residual, stacked vectors and state all wired right; Q4_K_M takes
+    the grouped matvec's partial sums (Q8_0: the fallback, three matmuls)."""
+    m = rwkv_jax.load(synth_model("tiny", qtype), stack_layers=stack_layers, dtype="float32")
     rng = np.random.default_rng(B)
     toks = jnp.asarray(rng.integers(0, m.config.vocab_size, (3, B)), jnp.int32)
 
@@ -177,12 +202,15 @@ def test_decode_with_kernel_matches_xla(monkeypatch, synth_model, stack_layers, 
         return np.stack(logits), st
 
     want_logits, want_st = run()
-    calls = _force_kernel(monkeypatch)
+    calls = _force_kernel(monkeypatch, grouped=qtype == "Q4_K_M")
     jax.clear_caches()
     got_logits, got_st = run()
     L_, H_, N_ = m.config.n_layer, m.config.n_head, m.config.head_size
     # traced once per jit (stacked: the scan body; unrolled: once per layer)
-    assert calls == [(L_ if stack_layers else 1, B, H_, N_, N_)] * (1 if stack_layers else L_)
+    grouped = qtype == "Q4_K_M" and B == 1  # the partial sums are handed over at one row
+    parts = gpu_kernels._parts(m.config.n_embd // 256, gpu_kernels.SPLIT) if grouped else 1
+    state = (L_ if stack_layers else 1, B, H_, N_, N_)
+    assert calls == (["partials"] * grouped + [(parts, state)]) * (1 if stack_layers else L_)
     jax.clear_caches()
     scale = np.abs(want_logits).max()
     np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4 * scale)
