@@ -11,11 +11,15 @@ registers, and apply it to every row:
   XLA path's dequantize-then-dot rounds them) and multiplied on tensor cores, float32 sums.
 
 Triton wants every tensor a power of two long: a Q4_K super-block is decoded as two nibble
-planes of [2, 2, 32] values, Q6_K as two planes of [2, 2, 2, 16]; x is rearranged to match.
-Only the summation order differs from dequantize-then-dot.
+planes of [2, 2, 32] values, Q6_K as two planes of [2, 2, 2, 16]. With float32 accumulators
+the kernel picks x's matching plane itself (a strided load of x as it lies, widened in
+registers: no XLA kernel rearranges x before each call); the tensor-core kernel takes x
+rearranged plane-major with the rows last. Only the summation order differs from
+dequantize-then-dot.
 
 Grid: (row tiles of weight rows, SPLIT parts of the super-blocks); each program loops over its
-super-blocks and writes a partial [rows, M] sum that XLA adds up.
+super-blocks and writes a partial [rows, M] sum that XLA adds up (or the consumer:
+`partials=True`, the per-head decode kernel of gpu_time_mix at one row).
 
 Stacked layers: given the layer index, a kernel reads layer i of the [L, ...] fields in place
 (quant.LayerOf). A custom call takes whole buffers, so the alternative — slicing the layer out

@@ -23,11 +23,17 @@ arrays and the layer index, as gpu_kernels does): a custom call given the scan's
 layer makes XLA copy it out first. It issues every load before its first reduction (a reduction
 across warps is a barrier that later loads would wait behind): 10.3 -> 6.1 us per call at B = 1.
 
+At one row it also takes the grouped r/k/v matvec's split-K partial sums as they are and adds
+them (no XLA reduce and slice kernels: B = 1 333.3 -> 339.2 tok/s with the matvecs reading x in
+place); with more rows a row's partial sums lie M floats apart and the loads did not coalesce
+(B = 64 5987 -> 3880), so those take the summed products.
+
 Measured on an H200 (2.9b Q4_K_M, bf16, `python -m experiments.gpu_trace --cases tg:1:128
 tg:4:64 tg:64:32`, one process per variant on one machine): B = 1 297.9 -> 334.2 tok/s (with the
 launch-shape changes of gpu_kernels: 303.7 without this kernel), B = 4 716.0 -> 834.6, B = 64
-5323.9 -> 5972.9; 1093 -> 901 kernels per token at B = 1. Float32 decode with and without it:
-logits within 3.4e-6 x their std (KL 4e-12) over 6 steps.
+5323.9 -> 5972.9; 1093 -> 901 kernels per token at B = 1. Float32 decode with and without it
+(`python -m experiments.time_mix_check`): logits within 3.4e-6 (B = 1) and 8.4e-6 (B = 8) of
+their std over 6 steps.
 """
 
 from __future__ import annotations
@@ -65,11 +71,19 @@ def pieces(d: int) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def _cpu_backend() -> bool:
+    """Whether programs are built for the CPU: its program never takes the CUDA branch, and older
+    JAX (0.4.x, the Metal plugins' line) lowers every platform_dependent branch, where Pallas'
+    Triton lowering fails on the CPU."""
+    return jax.default_backend() == "cpu"
+
+
 def supports(rows: int, tokens: int, head_size: int, ups: Sequence) -> bool:
     """Whether one decode token of `rows` streams with these LoRA up matrices (unstacked
-    quant.Weight, (C, D)) runs here: dense formats, a power-of-two head size."""
+    quant.Weight, (C, D)) runs here: dense formats, a power-of-two head size, not the CPU."""
     return (
         ENABLED
+        and not _cpu_backend()
         and tokens == 1
         and 1 <= rows <= MAX_ROWS
         and head_size >= 16

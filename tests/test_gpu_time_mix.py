@@ -171,6 +171,7 @@ def _force_kernel(monkeypatch, grouped: bool):
             return interpreted_group(*args, **kw)
 
         monkeypatch.setattr(gpu_kernels, "matmul_group", group_spy)
+    monkeypatch.setattr(gpu_time_mix, "_cpu_backend", lambda: False)  # as on a GPU host
     fake = types.SimpleNamespace(**{n: getattr(jax.lax, n) for n in dir(jax.lax) if n[0] != "_"})
     fake.platform_dependent = lambda *args, cuda, default: cuda(*args)
     monkeypatch.setattr(model, "lax", fake)
