@@ -165,8 +165,8 @@ def heads(
     v_first = jnp.where(is_first, v, v_first)
     v = v + (v_first - v) * jax.nn.sigmoid(lead(blk.v0, 3) + matmul(blk.v2, hv, dtype))
 
-    heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731  [B, T, C] -> [B, T, H, N]
-    kk = heads(k * lead(blk.k_k, 3))  # removal key from k *before* the k_a rescale
+    per_head = lambda t: t.reshape(B, T, H, N)  # noqa: E731  [B, T, C] -> [B, T, H, N]
+    kk = per_head(k * lead(blk.k_k, 3))  # removal key from k *before* the k_a rescale
     kk = kk / jnp.maximum(jnp.linalg.norm(kk, axis=-1, keepdims=True), L2_EPS)
     k = k * (1 + (a - 1) * lead(blk.k_a, 3))
 
@@ -174,17 +174,19 @@ def heads(
     m = valid[:, :, None, None]
     y, S = wkv_fn(
         S,
-        heads(r),
-        heads(k),
-        jnp.where(m, heads(v), 0.0),
+        per_head(r),
+        per_head(k),
+        jnp.where(m, per_head(v), 0.0),
         -kk,
-        jnp.where(m, kk * heads(a), 0.0),
-        jnp.where(m, heads(log_decay), 0.0),
+        jnp.where(m, kk * per_head(a), 0.0),
+        jnp.where(m, per_head(log_decay), 0.0),
     )
 
     out = group_norm(y, blk.ln_x_w, blk.ln_x_b, cfg.group_norm_eps)  # [B, T, C]
-    bonus = jnp.sum(heads(r) * heads(k) * lead(blk.r_k, 4), axis=-1, keepdims=True)  # [B, T, H, 1]
-    out = out + (bonus * heads(v)).reshape(B, T, C)
+    bonus = jnp.sum(
+        per_head(r) * per_head(k) * lead(blk.r_k, 4), axis=-1, keepdims=True
+    )  # [B, T, H, 1]
+    out = out + (bonus * per_head(v)).reshape(B, T, C)
     return out * g, v_first, S
 
 
