@@ -164,6 +164,41 @@ def test_q4k_one_row_factored(out, n_in):
     np.testing.assert_allclose(np.asarray(_matmul(w, x3))[0], got[0], rtol=1e-4, atol=1e-4)
 
 
+@native
+@pytest.mark.parametrize("out, n_in", [(17, 512), (1000, 768), (40, 3072)])
+def test_q6k_one_row_factored(out, n_in):
+    """Q6_K at one activation row takes the factored kernel (AVX-512 BW builds): q placed under
+    the exponent of 1.0 is f = 1 + q/64, so per 16-value sub-block s, dl_s * sum((q - 32) x) =
+    64 dl_s * sum(f x) - 96 dl_s * sum(x). Same weight values, another rounding: any order of
+    these n + 2 roundings per term stays within gamma_{n+2} * sum |dl_s| (q + 160) |x| (Higham,
+    Thm 3.1), a bound on the parts 64 dl_s f and 96 dl_s instead of on |w| = |dl_s (q - 32)|.
+    out = 17: a 16-row lane sum and a lone row; 1000: split between threads; 3072: the FFN
+    value shape (12 blocks per row)."""
+    rng = np.random.default_rng(out)
+    raw = _raw(quant.Q6_K, (out, n_in), rng)
+    deq = gguf_dequantize(raw.reshape(out, -1), quant.Q6_K.GGML_TYPE).astype(np.float64)
+    w = quant.Q6_K.from_raw(raw, (out, n_in))
+    rec = raw.view(quant.Q6_K.BLOCK).reshape(out, -1)  # [out, nb]
+    dl = rec["d"].astype(np.float64)[..., None] * rec["scales"]  # [out, nb, 16], exact
+    dl = np.repeat(dl, 16, axis=-1).reshape(out, n_in)  # per element
+    # q - 32 = w / dl exactly (an integer quotient of exact values); dl = 0 leaves w = 0
+    q = np.divide(deq, dl, out=np.zeros_like(deq), where=dl != 0) + 32
+    x = rng.standard_normal((1, n_in)).astype(np.float32)
+    want = x.astype(np.float64) @ deq.T
+    n, u = n_in + 2, 2.0**-24
+    bound = n * u / (1 - n * u) * (np.abs(x) @ (np.abs(dl) * (q + 160)).T) + u * np.abs(want)
+    got = np.asarray(_matmul(w, x))
+    assert got.dtype == np.float32 and got.shape == want.shape
+    bad = ~(np.abs(got - want) <= bound)
+    assert not bad.any(), f"{bad.sum()} outside the bound, first at {np.argwhere(bad)[0]}"
+    # rows 2.. take the 8-row passes (unfactored, the plain dot bound): the same numbers up to
+    # both bounds, the factored one the larger
+    x3 = np.concatenate([x, x, x])
+    got3 = np.asarray(_matmul(w, x3))
+    _assert_dot_close(got3, x3, deq)
+    assert np.all(np.abs(got3[0] - got[0]) <= 2 * bound[0])
+
+
 def _info_int(key: str) -> int:
     """A number from cpu_kernels.info() ('... tile_min_rows=8 tile_kc=4096 ...')."""
     fields = dict(kv.split("=", 1) for kv in cpu_kernels.info().split() if "=" in kv)

@@ -4,8 +4,9 @@
 // Every weight element is dequantized to exactly the float32 value ggml's dequantize_row_* gives
 // (the same values as rwkv_jax/quant.py), multiplied by float32 x and accumulated in float32;
 // activations are never quantized (bfloat16 x: see below). Only the summation order differs from a plain dot, except
-// Q4_K at one activation row (AVX-512, decode): there each sub-block's scale and min are
-// factored out of its sum (q4k_row1), the same weight values with another rounding.
+// Q4_K and Q6_K at one float32 activation row (AVX-512, decode): there each sub-block's scale
+// (and Q4_K's min) is factored out of its sum (q4k_row1, q6k_row1), the same weight values with
+// another rounding.
 //
 // Why fused multiply-adds keep the ggml values: contraction (-ffp-contract=fast) may turn
 // `dl * q - ml` into fma(dl, q, -ml), which rounds once instead of twice. In every format here the
@@ -27,9 +28,10 @@
 // multiplied by a register-blocked microkernel (`rows_tiled`). The vectors are
 // GCC/clang vector extensions (AVX-512, AVX2, NEON or plain C++, whatever -march gives); the
 // decode-critical Q4_K (16-entry lookup tables via vpermps) and Q6_K (whole-half bit unpacking)
-// have AVX-512 paths. Rows of W are split between a thread pool (created on first use) and the
-// calling thread; a call takes the pool only if no other call holds it (XLA may run independent
-// custom calls concurrently), otherwise it runs on its own thread.
+// have AVX-512 paths, and at one row their own factored kernels. Rows of W are split between a
+// thread pool (created on first use) and the calling thread; a call takes the pool only if no
+// other call holds it (XLA may run independent custom calls concurrently), otherwise it runs on
+// its own thread.
 //
 // bfloat16 activations (the rwkv_qmatvec_bf16_* targets, engine dtype bfloat16): the product
 // XLA's bfloat16 path computes, y = bf16(x) · bf16(W)ᵀ with float32 accumulation, where bf16(W)
@@ -238,6 +240,8 @@ struct Problem {
   // one activation row, Q4_K (AVX-512): per block 16 floats, 0 x 8 then the sums of x over the
   // 8 sub-blocks (see q4k_row1); nullptr elsewhere
   const float* xsum = nullptr;
+  // one activation row, Q6_K (AVX-512 BW): x permuted and summed per block (see q6k_row1)
+  const float* xperm = nullptr;
   // bfloat16 activations (the *_bf16 targets): x is nullptr, xb [m, in] with rows xbs apart
   const uint16_t* xb = nullptr;
   int64_t xbs = 0;
@@ -878,6 +882,123 @@ inline void q4k_rows1(const Problem& p, int64_t r0, int64_t r1) {
 }
 #endif
 
+#if defined(__AVX512BW__)
+// Q6_K at one activation row (decode), each 16-value sub-block's scale factored out of its sum.
+// The 6-bit q (0..63) is placed under the exponent of 1.0f, f = 1 + q/64 (exact, no
+// int->float conversion), so with dl_s = d * sc_s and X_s = sum_l x_l over sub-block s:
+//   sum_l dl_s (q_l - 32) x_l = (64 dl_s) * sum_l f_l x_l - (96 dl_s) * X_s.
+// Lanes run over sub-blocks, not over the values of one: per half h of 128 values, v[k] holds
+// 0x80 | q << 1 of values 128h + 64k + 4t + b in byte b of dword t (k = 0: low nibbles of ql,
+// 1: high), all in sub-block 8h + 4k + t/4. One vpshufb of byte b into byte 2 of every dword
+// (merged into 0x3F800000) gives 16 values f, 4 per sub-block, for one multiply-add against x
+// permuted once per call (q6k_xprep); lane t of accumulator 2h + k keeps sub-block
+// 8h + 4k + t/4 for the whole block, so 64 dl_s (vpermps of the 16 scales) multiplies each of
+// the 4 accumulators once per block, and the 16 scales times X_s once more. Per 16 values: a
+// shuffle and a multiply-add, against a widening load, a conversion, a multiply and a
+// multiply-add in Q6_K::block (Zen 4, the 65536 x 768 head: 3.1 vs 4.2 ms on one core, 1.85
+// vs 2.2 ms on two, near their memory bandwidth). Placing (q - 32) << 24 instead and converting
+// it exactly (vcvtdq2ps: the unfactored error bound) measured ~10% slower on one core.
+// The weight values are the same (q, dl_s exact; 64 dl_s and 96 dl_s exact too: dl_s has at
+// most 11 + 8 significant bits), only the rounding of the sum differs: its error stays within
+//   gamma_{n+2} * sum_l (|64 dl_s f_l| + |96 dl_s|) |x_l|
+//     = gamma_{n+2} * sum_l |dl_s| (q_l + 160) |x_l|,
+// a bound on the parts instead of on |w| = |dl_s (q_l - 32)|: at least 5x the unfactored bound
+// (q + 160 >= 5 |q - 32| for q in 0..63), ~12x for uniform q.
+// Returns the 16 partial sums of row r (lanes summed by the caller).
+inline __m512 q6k_row1(const Problem& p, int64_t r) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // dword t of a 128-bit lane sits at byte 4 (t % 4) of it (vpshufb indexes within the lane)
+  const __m512i at = _mm512_slli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(3)), 2);
+  __m512i sub[4];   // lane t of accumulator c = 2h + k: sub-block 4c + t/4
+  __m512i pick[4];  // vpshufb index: byte b of each dword to byte 2 (the rest is masked off)
+  for (int k = 0; k < 4; ++k) {
+    sub[k] = _mm512_add_epi32(_mm512_set1_epi32(4 * k), _mm512_srli_epi32(lane, 2));
+    pick[k] = _mm512_slli_epi32(_mm512_add_epi32(_mm512_set1_epi32(k), at), 16);
+  }
+  const __mmask64 byte2 = 0x4444444444444444ull;
+  const __m512i one = _mm512_set1_epi32(0x3F800000);
+  const __m512i m1e = _mm512_set1_epi8(0x1e), m60 = _mm512_set1_epi8(0x60);
+  const __m512i m80 = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 tot[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                   _mm512_setzero_ps()};
+  __m512 accb = _mm512_setzero_ps();  // -96 dl_s X_s
+  for (int64_t b = 0; b < p.nb; ++b) {
+    const int64_t i = r * p.nb + b;
+    const uint8_t* ql = field<uint8_t>(p, 0) + 128 * i;
+    const uint8_t* qh = field<uint8_t>(p, 1) + 64 * i;
+    const __m512 dl = _mm512_mul_ps(
+        _mm512_set1_ps(f16_to_f32(field<uint16_t>(p, 3)[i])),
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(field<int8_t>(p, 2) + 16 * i)))));
+    const float* xb = p.xperm + 272 * b;
+    accb = _mm512_fmadd_ps(_mm512_mul_ps(dl, _mm512_set1_ps(-96.0f)), _mm512_loadu_ps(xb + 256),
+                           accb);
+    const __m512 dl64 = _mm512_mul_ps(dl, _mm512_set1_ps(64.0f));
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      // ql byte p: low nibble of value 128h + p, high of 128h + 64 + p (p < 64); the 32 qh
+      // bytes doubled as [qh, qh >> 2] line up with them: bits 0-1 for the low nibble, 4-5 for
+      // the high one (as in Q6_K::block)
+      const __m512i l = _mm512_loadu_si512(ql + 64 * h);
+      const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * h));
+      const __m512i hs =
+          _mm512_inserti64x4(_mm512_castsi256_si512(hb), _mm256_srli_epi16(hb, 2), 1);
+      // 0x80 | q << 1: the nibble to bits 1-4, the high bits to 5-6 ((a & b) | c is 0xEA)
+      const __m512i v[2] = {
+          _mm512_ternarylogic_epi32(
+              _mm512_slli_epi16(l, 1), m1e,
+              _mm512_ternarylogic_epi32(_mm512_slli_epi16(hs, 5), m60, m80, 0xEA), 0xEA),
+          _mm512_ternarylogic_epi32(
+              _mm512_srli_epi16(l, 3), m1e,
+              _mm512_ternarylogic_epi32(_mm512_slli_epi16(hs, 1), m60, m80, 0xEA), 0xEA)};
+#pragma GCC unroll 2
+      for (int k = 0; k < 2; ++k) {
+        const float* xc = xb + 128 * h + 64 * k;
+        __m512 s = _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int bb = 0; bb < 4; ++bb) {
+          const __m512 f =
+              _mm512_castsi512_ps(_mm512_mask_shuffle_epi8(one, byte2, v[k], pick[bb]));
+          s = _mm512_fmadd_ps(f, _mm512_loadu_ps(xc + 16 * bb), s);
+        }
+        const int c = 2 * h + k;
+        tot[c] = _mm512_fmadd_ps(_mm512_permutexvar_ps(sub[c], dl64), s, tot[c]);
+      }
+    }
+  }
+  return _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(tot[0], tot[1]), _mm512_add_ps(tot[2], tot[3])),
+                       accb);
+}
+
+// p.xperm for q6k_row1: per block 272 floats, each run of 64 values 4t + b (t < 16, b < 4)
+// stored at 16b + t, then X_s, the sum of x over sub-block s = 0..15.
+inline void q6k_xprep(const float* x, int64_t nb, float* xp) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + 256 * b;
+    float* o = xp + 272 * b;
+    for (int c = 0; c < 4; ++c)
+      for (int bb = 0; bb < 4; ++bb)
+        for (int t = 0; t < 16; ++t) o[64 * c + 16 * bb + t] = xb[64 * c + 4 * t + bb];
+    for (int s = 0; s < 16; ++s) o[256 + s] = _mm512_reduce_add_ps(_mm512_loadu_ps(xb + 16 * s));
+  }
+}
+
+// Rows [r0, r1) of y = x · Wᵀ for one activation row through q6k_row1, 16 rows per lane sum.
+inline void q6k_rows1(const Problem& p, int64_t r0, int64_t r1) {
+  for (int64_t g = r0; g < r1; g += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, r1 - g));
+    v16f part[16];
+    for (int k = 0; k < n; ++k) part[k] = reinterpret_cast<v16f>(q6k_row1(p, g + k));
+    if (n == 16) {
+      const v16f sums = reduce16(part);
+      std::memcpy(p.y + g, &sums, sizeof sums);
+    } else {
+      for (int k = 0; k < n; ++k) p.y[g + k] = hsum(part[k]);
+    }
+  }
+}
+#endif
+
 // Weight rows [r0, r1) against all activation rows. With several activation passes the rows go
 // in tiles small enough to stay in L1 while every pass goes over them.
 template <class F>
@@ -885,6 +1006,11 @@ void rows_all(const Problem& p, int64_t r0, int64_t r1) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<F, Q4_K>) {
     if (p.xsum) return q4k_rows1(p, r0, r1);
+  }
+#endif
+#if defined(__AVX512BW__)
+  if constexpr (std::is_same_v<F, Q6_K>) {
+    if (p.xperm) return q6k_rows1(p, r0, r1);
   }
 #endif
   const int64_t tile = p.m > kMaxRows ? 16 : std::max<int64_t>(r1 - r0, 1);
@@ -1586,6 +1712,10 @@ constexpr double kParallelMacs = RWKV_PARALLEL_MACS;
 #define RWKV_Q4K_FACTORED 1
 #endif
 constexpr bool kQ4kFactored = RWKV_Q4K_FACTORED;  // q4k_row1 at one activation row
+#ifndef RWKV_Q6K_FACTORED
+#define RWKV_Q6K_FACTORED 1
+#endif
+constexpr bool kQ6kFactored = RWKV_Q6K_FACTORED;  // q6k_row1 at one activation row
 #ifndef RWKV_SHORT_ROWS
 #define RWKV_SHORT_ROWS 1
 #endif
@@ -1684,6 +1814,16 @@ void run_f32(const Problem& p_in) {
       float* xsum = scratch(xsum_buf, 16 * p.nb);
       q4k_xsum(p.x, p.nb, xsum);
       p.xsum = xsum;
+    }
+  }
+#endif
+#if defined(__AVX512BW__)
+  static thread_local std::vector<float> xperm_buf;
+  if constexpr (std::is_same_v<F, Q6_K>) {
+    if (p.m == 1 && kQ6kFactored) {
+      float* xperm = scratch(xperm_buf, 272 * p.nb);
+      q6k_xprep(p.x, p.nb, xperm);
+      p.xperm = xperm;
     }
   }
 #endif
@@ -1928,6 +2068,9 @@ extern "C" const char* rwkv_qmatvec_info() {
       " tile=" + std::to_string(kMr) + "x" + std::to_string(kNr) +
 #if defined(__AVX512F__)
       " q4k_factored=" + std::to_string(int(kQ4kFactored)) +
+#endif
+#if defined(__AVX512BW__)
+      " q6k_factored=" + std::to_string(int(kQ6kFactored)) +
 #endif
 #if defined(__AVX512BF16__)
       " bf16=avx512_bf16" +
