@@ -28,7 +28,7 @@ import numpy as np
 from jax.profiler import ProfileData
 
 from experiments.engine_jax import JaxEngine
-from rwkv_jax import gpu_kernels, gpu_time_mix, synth
+from rwkv_jax import gpu_kernels, gpu_mix, gpu_time_mix, synth
 
 
 def kernel_events(xplane: str) -> list[tuple[str, int, int]]:
@@ -120,7 +120,18 @@ def main() -> None:
         help="keep the XLA path for the per-head decode work (gpu_time_mix.ENABLED = False)",
     )
     p.add_argument("--time-mix-warps", type=int, default=None, help="gpu_time_mix.NUM_WARPS")
+    p.add_argument(
+        "--no-mix",
+        action="store_true",
+        help="keep the XLA path for the decode prologues (gpu_mix.ENABLED = False)",
+    )
+    p.add_argument(
+        "--mix", default=None, metavar="ROWS:WARPS", help="gpu_mix.DOWN_ROWS and NUM_WARPS"
+    )
     a = p.parse_args()
+    gpu_mix.ENABLED = gpu_mix.ENABLED and not a.no_mix
+    if a.mix:
+        gpu_mix.DOWN_ROWS, gpu_mix.NUM_WARPS = map(int, a.mix.split(":"))
     gpu_time_mix.NUM_WARPS = a.time_mix_warps or gpu_time_mix.NUM_WARPS
     gpu_time_mix.ENABLED = gpu_time_mix.ENABLED and not a.no_time_mix
     gpu_kernels.FACTORED = gpu_kernels.FACTORED or a.factored

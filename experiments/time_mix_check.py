@@ -1,12 +1,15 @@
-"""Decode with and without the per-head kernel (rwkv_jax/gpu_time_mix.py) on a GPU: how far
-apart the logits and WKV states are.
+"""Decode with and without the time mix's decode kernels on a GPU (the per-head kernel,
+rwkv_jax/gpu_time_mix.py, and the prologues, rwkv_jax/gpu_mix.py): how far apart the logits and
+WKV states are.
 
     python -m experiments.time_mix_check [--preset 2.9b] [--cases float32:1 float32:8 bfloat16:1]
+        [--kernels heads prologue]
 
-For each DTYPE:B case: `--steps` greedy-free decode steps of random tokens, once with
-gpu_time_mix.ENABLED off (the XLA path) and once on, in one process; prints max |d logits| over
-their std, the largest KL between the two next-token distributions, top-1 agreement, and after
-one step each layer's max |d S| / max |S|. Float32 differences are summation order only.
+For each DTYPE:B case: `--steps` greedy-free decode steps of random tokens, once with the
+`--kernels` off (their ENABLED flags: the XLA path) and once on, in one process; prints
+max |d logits| over their std, the largest KL between the two next-token distributions, top-1
+agreement, and after one step each layer's max |d S| / max |S|. Float32 differences are
+summation order only.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import rwkv_jax
-from rwkv_jax import gpu_time_mix, synth
+from rwkv_jax import gpu_mix, gpu_time_mix, synth
 from rwkv_jax.generate import decode_step
 
+KERNELS = {"heads": gpu_time_mix, "prologue": gpu_mix}
 
-def run(m, toks, on: bool):
+
+def run(m, toks, on: bool, kernels):
     """Logits [steps, B, V] float64, the final WKV state and the state after the first step."""
-    gpu_time_mix.ENABLED = on
+    for name in kernels:
+        KERNELS[name].ENABLED = on
     jax.clear_caches()
     st, logits, first = m.new_state(toks.shape[1]), [], None
     for t in toks:
@@ -46,6 +52,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help="a .gguf file instead of the synthetic preset")
     p.add_argument("--cases", nargs="+", default=["float32:1", "float32:8", "bfloat16:1"])
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--kernels", nargs="+", choices=sorted(KERNELS), default=sorted(KERNELS))
     a = p.parse_args()
     path = a.model or synth.ensure(a.preset, a.type, 0)
     print(jax.devices()[0].device_kind, "jax", jax.__version__, path)
@@ -54,7 +61,7 @@ def main() -> None:
         m = rwkv_jax.load(path, dtype=dtype)
         rng = np.random.default_rng(int(B))
         toks = jnp.asarray(rng.integers(0, m.config.vocab_size, (a.steps, int(B))), jnp.int32)
-        (x, sx, fx), (y, sy, fy) = run(m, toks, False), run(m, toks, True)
+        (x, sx, fx), (y, sy, fy) = run(m, toks, False, a.kernels), run(m, toks, True, a.kernels)
         lx, ly = log_softmax(x), log_softmax(y)
         kl = (np.exp(lx) * (lx - ly)).sum(-1).max()
         L = fx.shape[0]

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-from rwkv_jax import backends, gpu_time_mix, quant, wkv
+from rwkv_jax import backends, gpu_mix, gpu_time_mix, quant, wkv
 from rwkv_jax.gguf import ModelConfig
 from rwkv_jax.params import Block, Params
 from rwkv_jax.state import State
@@ -102,10 +102,12 @@ def matmuls(pairs: list[tuple[quant.Weight, Array]], dtype) -> list[Array]:
 
 
 class LayerAt(NamedTuple):
-    """Where the scan's layer lies in the stacks: the GPU decode kernel reads it in place."""
+    """Where the scan's layer lies in the stacks: the GPU decode kernels read it in place."""
 
     blocks: Block  # every layer, stacked [L, ...]
     wkv: Array  # the WKV state of every layer [L, B, H, N, N]
+    att_shift: Array  # [L, B, C]
+    ffn_shift: Array  # [L, B, C]
     index: Array  # int32 []: this layer
 
 
@@ -119,23 +121,84 @@ def time_mix(
     span: Span,
     at: LayerAt | None = None,
 ) -> tuple[Array, Array, Array, Array]:
-    """Attention replacement of one layer: returns (out, v_first, att_shift, wkv state)."""
-    dtype = span.dtype
-    u = layer_norm(x, blk.ln1_w, blk.ln1_b, cfg.layer_norm_eps)  # [B, T, C]
-    d, att_shift = token_shift(u, st.att_shift, span.lengths)
-    xr, xw, xk, xv, xa, xg = (u + d * lead(blk.x_rwkvag[i], 3) for i in range(6))
-
+    """Attention replacement of one layer up to its output matmul: returns (the output
+    matmul's input in the compute dtype, v_first, att_shift, wkv state)."""
+    (xr, xk, xv), hidden, att_shift = att_inputs(blk, cfg, x, st.att_shift, span, at)
     rkv = [(blk.receptance, xr), (blk.key, xk), (blk.value, xv)]
-    # LoRA hiddens (BlinkDL's row-vector notation: x·down, then ·up inside heads())
-    hidden = (
-        jnp.tanh(matmul(blk.w1, xw, dtype)),  # decay
-        matmul(blk.a1, xa, dtype),  # in-context learning rate
-        matmul(blk.v1, xv, dtype),  # value residual
-        jax.nn.sigmoid(matmul(blk.g1, xg, dtype)),  # output gate
-    )
-    # out: in the compute dtype, the output matmul's input
     out, v_first, S = heads_step(blk, cfg, rkv, v_first, is_first, hidden, st.wkv, span, at)
-    return matmul(blk.output, out, dtype), v_first, att_shift, S
+    return out, v_first, att_shift, S
+
+
+def _stacked(blk: Block, at: LayerAt | None, name: str) -> Array:
+    """A field of this layer with a leading layer axis, for a kernel that indexes the stack
+    itself: the whole stack (stacked layers), or the unstacked field as a stack of one."""
+    return getattr(blk, name)[None] if at is None else getattr(at.blocks, name)
+
+
+def _stack_of(w: quant.Weight | quant.LayerOf) -> Array:
+    """A dense matrix's stored values with a leading layer axis (see _stacked)."""
+    return w.stack.w if isinstance(w, quant.LayerOf) else w.w[None]
+
+
+def _layer_index(at: LayerAt | None) -> Array:
+    """This layer's index into what _stacked returns."""
+    return jnp.zeros((), jnp.int32) if at is None else at.index
+
+
+def _mix_kernel(x: Array, downs: tuple = ()) -> bool:
+    """Whether one decode token's prologue of x [B, T, C] with these LoRA downs may take the
+    gpu_mix kernel (on CUDA; Metal keeps the program it compiles)."""
+    B, T, C = x.shape
+    layers = [w.layer if isinstance(w, quant.LayerOf) else w for w in downs]
+    return gpu_mix.supports(B, T, C, layers) and backends.current_profile().matvec != "fused"
+
+
+def att_inputs(
+    blk: Block, cfg: ModelConfig, x: Array, prev: Array, span: Span, at: LayerAt | None
+) -> tuple[tuple[Array, Array, Array], tuple[Array, Array, Array, Array], Array]:
+    """ln1, token shift and mixes of x [B, T, C]: ((xr, xk, xv) in the compute dtype, the LoRA
+    hiddens, the new shift state). One decode token on NVIDIA GPUs takes one kernel (gpu_mix)
+    for all of it, the LoRA down-projections included."""
+    dtype = span.dtype
+
+    def xla(x, prev):
+        u = layer_norm(x, blk.ln1_w, blk.ln1_b, cfg.layer_norm_eps)  # [B, T, C]
+        d, shift = token_shift(u, prev, span.lengths)
+        xr, xw, xk, xv, xa, xg = (u + d * lead(blk.x_rwkvag[i], 3) for i in range(6))
+        # LoRA hiddens (BlinkDL's row-vector notation: x·down, then ·up inside heads())
+        hidden = (
+            jnp.tanh(matmul(blk.w1, xw, dtype)),  # decay
+            matmul(blk.a1, xa, dtype),  # in-context learning rate
+            matmul(blk.v1, xv, dtype),  # value residual
+            jax.nn.sigmoid(matmul(blk.g1, xg, dtype)),  # output gate
+        )
+        # the hiddens only ever enter the up matmuls, which take them in the compute dtype
+        hidden = tuple(h.astype(dtype) for h in hidden)
+        return (xr.astype(dtype), xk.astype(dtype), xv.astype(dtype)), hidden, shift
+
+    downs = (blk.w1, blk.a1, blk.v1, blk.g1)  # from xw, xa, xv, xg (mixes 1, 4, 3, 5)
+    if not _mix_kernel(x, downs):
+        return xla(x, prev)
+    C = x.shape[-1]
+    acts = ("tanh", None, None, "sigmoid")  # as in xla() above
+
+    def kernel(x, prev):
+        _, mixed, shift, hidden = gpu_mix.mix_prologue(
+            _layer_index(at),
+            span.valid[:, 0],
+            x[:, 0],
+            None,
+            prev[None] if at is None else at.att_shift,  # read in place
+            (_stacked(blk, at, "ln1_w"), _stacked(blk, at, "ln1_b")),
+            _stacked(blk, at, "x_rwkvag").reshape(-1, 6, C).astype(jnp.float32),
+            (0, 2, 3),  # r, k, v
+            tuple(zip((1, 4, 3, 5), map(_stack_of, downs), acts, strict=True)),
+            eps=cfg.layer_norm_eps,
+            dtype=dtype,
+        )
+        return tuple(a[:, None] for a in mixed), tuple(h[:, None] for h in hidden), shift
+
+    return lax.platform_dependent(x, prev, cuda=kernel, default=xla)
 
 
 def heads(
@@ -221,14 +284,10 @@ def heads_step(
         backends.current_profile().matvec == "fused"  # Metal: the program it compiles
     ):
         return xla(*xs, v_first, S, *hidden)
-    src = blk if at is None else at.blocks
-    one = (lambda a: a[None]) if at is None else (lambda a: a)  # noqa: E731  a leading L axis
-    vectors = tuple(
-        one(a).reshape(-1, C).astype(jnp.float32)
-        for a in (src.w0, src.a0, src.v0, src.k_k, src.k_a, src.r_k, src.ln_x_w, src.ln_x_b)
-    )
-    up_values = tuple(one(w.w) if at is None else w.stack.w for w in ups)  # [L, C, D]
-    index = jnp.zeros((), jnp.int32) if at is None else at.index
+    names = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_x_w", "ln_x_b")
+    vectors = tuple(_stacked(blk, at, n).reshape(-1, C).astype(jnp.float32) for n in names)
+    up_values = tuple(_stack_of(w) for w in ups)  # [L, C, D]
+    index = _layer_index(at)
     first = bool(is_first) if at is None else None  # stacked: the kernel asks layer == 0
 
     def kernel(xr, xk, xv, v_first, S, *hidden):
@@ -263,16 +322,66 @@ def heads_step(
 
 
 def channel_mix(
-    blk: Block, cfg: ModelConfig, x: Array, prev: Array, span: Span
+    blk: Block,
+    cfg: ModelConfig,
+    x: Array,
+    att: Array,
+    prev: Array,
+    span: Span,
+    at: LayerAt | None = None,
 ) -> tuple[Array, Array]:
-    """FFN of one layer: value(relu(key(lerp))^2); returns (out, ffn_shift)."""
-    lengths, dtype = span.lengths, span.dtype
-    u = layer_norm(x, blk.ln2_w, blk.ln2_b, cfg.layer_norm_eps)
-    d, ffn_shift = token_shift(u, prev, lengths)
-    h = jnp.square(
-        jax.nn.relu(matmul(blk.ffn_key, u + d * lead(blk.ffn_x_k, 3), dtype))
-    )  # [B, T, F]
-    return matmul(blk.ffn_value, h, dtype), ffn_shift
+    """The time mix's output matmul (of `att`) added to x, then the FFN of one layer:
+    returns (x + output(att) + value(relu(key(lerp))^2), ffn_shift)."""
+    x, xk, ffn_shift = ffn_inputs(blk, cfg, x, att, prev, span, at)
+    h = jnp.square(jax.nn.relu(matmul(blk.ffn_key, xk, span.dtype)))  # [B, T, F]
+    return x + matmul(blk.ffn_value, h, span.dtype), ffn_shift
+
+
+def ffn_inputs(
+    blk: Block,
+    cfg: ModelConfig,
+    x: Array,
+    att: Array,
+    prev: Array,
+    span: Span,
+    at: LayerAt | None,
+) -> tuple[Array, Array, Array]:
+    """x + output(att), then ln2, token shift and the key's mix: (x, the key matmul's input in
+    the compute dtype, the new shift state). One decode token on NVIDIA GPUs takes one kernel
+    (gpu_mix), which adds the output matvec's split-K partial sums itself at one row."""
+    dtype = span.dtype
+
+    def xla(x, att, prev):
+        x = x + matmul(blk.output, att, dtype)
+        u = layer_norm(x, blk.ln2_w, blk.ln2_b, cfg.layer_norm_eps)
+        d, shift = token_shift(u, prev, span.lengths)
+        return x, (u + d * lead(blk.ffn_x_k, 3)).astype(dtype), shift
+
+    if not _mix_kernel(x):
+        return xla(x, att, prev)
+    B, _, C = x.shape
+
+    def kernel(x, att, prev):
+        parts = quant.group_partials([(blk.output, att)]) if B == 1 else None
+        if parts is None:  # the summed product as the one addend
+            addends = matmul(blk.output, att, dtype)[None, :, 0]  # [1, B, C]
+        else:  # [1, P, C, 1]: one row's partial sums, the same bytes as [P, 1, C]
+            addends = parts.reshape(-1, 1, C)
+        x, (xk,), shift, _ = gpu_mix.mix_prologue(
+            _layer_index(at),
+            span.valid[:, 0],
+            x[:, 0],
+            addends,
+            prev[None] if at is None else at.ffn_shift,
+            (_stacked(blk, at, "ln2_w"), _stacked(blk, at, "ln2_b")),
+            _stacked(blk, at, "ffn_x_k").reshape(-1, 1, C).astype(jnp.float32),
+            (0,),
+            eps=cfg.layer_norm_eps,
+            dtype=dtype,
+        )
+        return x[:, None], xk[:, None], shift
+
+    return lax.platform_dependent(x, att, prev, cuda=kernel, default=xla)
 
 
 def block(
@@ -287,9 +396,8 @@ def block(
 ) -> tuple[Array, Array, LayerState]:
     """One residual block: x += time_mix(x); x += channel_mix(x)."""
     att, v_first, att_shift, S = time_mix(blk, cfg, x, st, v_first, is_first, span, at)
-    x = x + att
-    ffn, ffn_shift = channel_mix(blk, cfg, x, st.ffn_shift, span)
-    return x + ffn, v_first, LayerState(att_shift, ffn_shift, S)
+    x, ffn_shift = channel_mix(blk, cfg, x, att, st.ffn_shift, span, at)
+    return x, v_first, LayerState(att_shift, ffn_shift, S)
 
 
 def embed(params: Params, cfg: ModelConfig, tokens: Array) -> Array:
@@ -323,7 +431,7 @@ def layers(
             with jax.named_scope("block"):
                 st = LayerState(a_sh, f_sh, S)
                 blk = layer_of(blk, params.blocks, idx)  # type: ignore[arg-type]
-                at = LayerAt(params.blocks, state.wkv, idx)  # type: ignore[arg-type]
+                at = LayerAt(params.blocks, state.wkv, state.att_shift, state.ffn_shift, idx)  # type: ignore[arg-type]
                 h, v_first, st = block(blk, cfg, h, st, v_first, idx == 0, span, at)
             return (h, v_first), tuple(st)
 

@@ -298,15 +298,15 @@ def matmul_group(pairs: Sequence[tuple[Weight | LayerOf, Array]]) -> list[Array]
     return list(lax.platform_dependent(*xs, cuda=grouped, default=separate))
 
 
-def _groupable(pairs: Sequence[tuple[Weight | LayerOf, Array]]):
-    """(weights or stacks, layer index or None) when `pairs` can run as one Pallas launch on
-    CUDA (see matmul_group), else None."""
+def _groupable(pairs: Sequence[tuple[Weight | LayerOf, Array]], least: int = 2):
+    """(weights or stacks, layer index or None) when `pairs` (at least `least` of them) can run
+    as one Pallas launch on CUDA (see matmul_group), else None."""
     ws, xs = [w for w, _ in pairs], [x for _, x in pairs]
     stacked = isinstance(ws[0], LayerOf)
     layers = [w.layer if isinstance(w, LayerOf) else w for w in ws]
     w0, x0 = layers[0], xs[0]
     alike = (
-        len(pairs) > 1
+        len(pairs) >= least
         and all(type(w) is type(w0) and w.shape == w0.shape for w in layers)
         and all(isinstance(w, LayerOf) == stacked for w in ws)
         and (not stacked or all(w.index is ws[0].index for w in ws))  # type: ignore[union-attr]
@@ -327,10 +327,11 @@ def _groupable(pairs: Sequence[tuple[Weight | LayerOf, Array]]):
 def group_partials(
     pairs: Sequence[tuple[Weight | LayerOf, Array]], summed: bool = False
 ) -> Array | list[Array] | None:
-    """For a CUDA branch: the one-launch products of `pairs` as the kernel's split-K partial
-    sums, float32 [G, parts, out, M] (gpu_kernels.matmul_group's `partials`), or summed per
-    pair (float32 [..., out]); None when they do not run as one launch (see matmul_group)."""
-    group = _groupable(pairs)
+    """For a CUDA branch: the one-launch products of `pairs` (one pair too) as the kernel's
+    split-K partial sums, float32 [G, parts, out, M] (gpu_kernels.matmul_group's `partials`), or
+    summed per pair (float32 [..., out]); None when they do not run as one launch (see
+    matmul_group)."""
+    group = _groupable(pairs, least=1)
     if group is None:
         return None
     operands, index = group
