@@ -28,7 +28,7 @@ import numpy as np
 from jax.profiler import ProfileData
 
 from experiments.engine_jax import JaxEngine
-from rwkv_jax import gpu_kernels, gpu_mix, gpu_time_mix, synth
+from rwkv_jax import gpu_kernels, gpu_mix, gpu_time_mix, model, synth
 
 
 def kernel_events(xplane: str) -> list[tuple[str, int, int]]:
@@ -128,7 +128,11 @@ def main() -> None:
     p.add_argument(
         "--mix", default=None, metavar="ROWS:WARPS", help="gpu_mix.DOWN_ROWS and NUM_WARPS"
     )
+    p.add_argument(
+        "--layer-unroll", type=int, default=None, help="model.DECODE_LAYER_UNROLL (decode only)"
+    )
     a = p.parse_args()
+    model.DECODE_LAYER_UNROLL = a.layer_unroll or model.DECODE_LAYER_UNROLL
     gpu_mix.ENABLED = gpu_mix.ENABLED and not a.no_mix
     if a.mix:
         gpu_mix.DOWN_ROWS, gpu_mix.NUM_WARPS = map(int, a.mix.split(":"))

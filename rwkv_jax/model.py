@@ -27,6 +27,12 @@ L2_EPS = 1e-12  # F.normalize clamp of the removal-key norm
 # Layers per iteration of the scan over stacked layers. On GPUs each loop iteration costs a
 # device-to-host sync of the loop condition (~17 us measured on an H200: experiments/decode_profile)
 LAYER_SCAN_UNROLL = 1
+# ... for one decode token on a GPU: XLA also fuses across the unrolled layers (the layer index
+# and state slices and writes). H200, 2.9b Q4_K_M, `python -m experiments.gpu_trace --cases
+# tg:1:128 --layer-unroll N`, one machine: N = 1 404.5 / 407.2, 2 443.0, 4 452.7 tok/s (517 ->
+# 365 kernels per token), first call 9.4 / 8.8 / 9.5 s; tg:4:64 at 2 873.9 (~815 at 1). Prefill
+# keeps LAYER_SCAN_UNROLL: its body is large (compile time grows with each copy).
+DECODE_LAYER_UNROLL = 4
 
 # (S, r, k, v, alpha, beta, log_decay) -> (y, S), inputs [B, T, H, N], S [B, H, N, N]
 WkvFn = Callable[..., tuple[Array, Array]]
@@ -414,6 +420,11 @@ def layer_of(blk: Block, blocks: Block, i: Array) -> Block:
     return jax.tree.map(wrap, blk, blocks, is_leaf=is_weight)
 
 
+def _on_gpu() -> bool:
+    """Whether programs are built for a GPU (CUDA or ROCm) backend."""
+    return jax.default_backend() == "gpu"
+
+
 def layers(
     params: Params,
     cfg: ModelConfig,
@@ -436,7 +447,8 @@ def layers(
             return (h, v_first), tuple(st)
 
         xs = (params.blocks, jnp.arange(cfg.n_layer), state.att_shift, state.ffn_shift, state.wkv)
-        (x, _), (att, ffn, S) = lax.scan(body, (x, v_first0), xs, unroll=LAYER_SCAN_UNROLL)
+        unroll = DECODE_LAYER_UNROLL if x.shape[1] == 1 and _on_gpu() else LAYER_SCAN_UNROLL
+        (x, _), (att, ffn, S) = lax.scan(body, (x, v_first0), xs, unroll=unroll)
         return x, State(att, ffn, S)
     v_first, out = v_first0, []
     for i, blk in enumerate(params.blocks):  # type: ignore[arg-type]

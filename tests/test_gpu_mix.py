@@ -214,3 +214,51 @@ def test_decode_with_kernel_matches_xla(monkeypatch, synth_model, stack_layers, 
             np.asarray(getattr(got_st, name)), np.asarray(getattr(want_st, name)),
             rtol=1e-4, atol=1e-5,
         )  # fmt: skip
+
+
+def test_gpu_decode_takes_several_layers_per_scan_iteration(monkeypatch, synth_model):
+    """On a GPU one decode token's scan over stacked layers unrolls DECODE_LAYER_UNROLL layers
+    per iteration (prefill keeps LAYER_SCAN_UNROLL), with the same results: the compiled scan's
+    `unroll` read off the jaxpr, and three decode steps against the rolled scan."""
+    m = rwkv_jax.load(synth_model("tiny", "Q8_0"), stack_layers=True, dtype="float32")
+    toks = jnp.asarray(np.random.default_rng(2).integers(0, m.config.vocab_size, (3, 1)))
+
+    def unrolls(T):
+        fn = functools.partial(decode_step, cfg=m.config, dtype=m.dtype)
+        if T > 1:
+            fn = lambda p, t, s: model.forward(p, m.config, t, s, dtype=m.dtype)  # noqa: E731
+        jaxpr = jax.make_jaxpr(fn)(m.params, jnp.zeros((1, T) if T > 1 else (1,), jnp.int32),
+                                   m.new_state(1))  # fmt: skip
+        found = []
+
+        def walk(jp):
+            for eqn in jp.eqns:
+                if eqn.primitive.name == "scan" and eqn.params["length"] == m.config.n_layer:
+                    found.append(eqn.params["unroll"])
+                for v in eqn.params.values():  # sub-jaxprs (open or closed), alone or in tuples
+                    for sub in v if isinstance(v, tuple | list) else (v,):
+                        sub = getattr(sub, "jaxpr", sub)
+                        if hasattr(sub, "eqns"):
+                            walk(sub)
+
+        walk(jaxpr.jaxpr)
+        return found
+
+    def run():
+        st, logits = m.new_state(1), []
+        for t in toks:
+            lg, st = decode_step(m.params, t.astype(jnp.int32), st, cfg=m.config, dtype=m.dtype)
+            logits.append(np.asarray(lg))
+        return np.stack(logits), np.asarray(st.wkv)
+
+    assert unrolls(1) == [model.LAYER_SCAN_UNROLL]  # the CPU
+    want = run()
+    monkeypatch.setattr(model, "_on_gpu", lambda: True)
+    jax.clear_caches()
+    assert unrolls(1) == [model.DECODE_LAYER_UNROLL]
+    assert unrolls(4) == [model.LAYER_SCAN_UNROLL]  # prefill
+    got = run()
+    jax.clear_caches()
+    # the same operations; XLA may fuse them differently across layers (float32 reordering)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
