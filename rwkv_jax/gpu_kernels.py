@@ -340,23 +340,27 @@ def _call(
                 a = jnp.sum(a, axis=-1)
             o_ref[:, r] = a
 
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-
-        # jax < 0.5 names it TritonCompilerParams
-        cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
-        params = cls(num_warps=num_warps, num_stages=stages)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((groups, parts, out, m), jnp.float32),
         grid=(groups * tiles, parts),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, tile, m), lambda i, k: (i // tiles, k, i % tiles, 0)),
-        compiler_params=params,
+        compiler_params=compiler_params(num_warps, stages, interpret),
         interpret=interpret,
         name=f"rwkv_jax_{fmt.name}_{'mma' if mma else 'matvec'}",
     )
+
+
+def compiler_params(num_warps: int, num_stages: int, interpret: bool):
+    """Triton launch parameters for a pallas_call (None in Pallas' interpreter)."""
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as plgpu
+
+    # jax < 0.5 names it TritonCompilerParams
+    cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
+    return cls(num_warps=num_warps, num_stages=num_stages)
 
 
 def _iota(shape: tuple[int, ...], axis: int) -> Array:

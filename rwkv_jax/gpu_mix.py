@@ -44,6 +44,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from rwkv_jax import gpu_kernels
+
 Array = jax.Array
 
 # rows this kernel takes. Each program goes over its rows one after another, and at B = 4 one
@@ -246,19 +248,13 @@ def _call(shapes, dtypes, has_add, outs, downs, dtype, eps, interpret):
     out_shape += [jax.ShapeDtypeStruct((B, C), dtype) for _ in outs]
     out_shape.append(jax.ShapeDtypeStruct((B, C), prev_dtype))
     out_shape += [jax.ShapeDtypeStruct((B, d), dtype) for _, d, _ in downs]
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-
-        cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
-        params = cls(num_warps=NUM_WARPS, num_stages=1)
     return pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),
         grid=(n_programs,),
         in_specs=[whole(s) for s in shapes],
         out_specs=tuple(whole(o.shape) for o in out_shape),
-        compiler_params=params,
+        compiler_params=gpu_kernels.compiler_params(NUM_WARPS, 1, interpret),
         interpret=interpret,
         name="rwkv_jax_mix_prologue",
     )

@@ -47,6 +47,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from rwkv_jax import gpu_kernels
+
 Array = jax.Array
 
 # rows (streams) one decode step may have to take this kernel
@@ -228,12 +230,6 @@ def _call(shapes, first, dtype, round_weights, eps, decay_scale, l2_eps, interpr
         return pl.BlockSpec(shape, lambda b, h: (0,) * len(shape))
 
     row_head = pl.BlockSpec((None, None, N), lambda b, h: (b, h, 0))
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-
-        cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
-        params = cls(num_warps=NUM_WARPS, num_stages=1)
     return pl.pallas_call(
         kernel,
         out_shape=(
@@ -248,7 +244,7 @@ def _call(shapes, first, dtype, round_weights, eps, decay_scale, l2_eps, interpr
             row_head,
             pl.BlockSpec((None, None, N, N), lambda b, h: (b, h, 0, 0)),
         ),
-        compiler_params=params,
+        compiler_params=gpu_kernels.compiler_params(NUM_WARPS, 1, interpret),
         interpret=interpret,
         name="rwkv_jax_time_mix_heads",
     )

@@ -5,7 +5,6 @@ wired in (stacked and unrolled layers) against the model without it."""
 from __future__ import annotations
 
 import functools
-import types
 
 import jax
 import jax.numpy as jnp
@@ -144,59 +143,24 @@ def test_lowers_to_triton_for_cuda(with_add):
     assert "dynamic_slice" not in text
 
 
-def _force_kernel(monkeypatch, grouped: bool):
-    """Run the model's CUDA branches of att_inputs / ffn_inputs on the CPU, the kernel
-    interpreted: model.lax is replaced by jax.lax whose platform_dependent picks `cuda` (the
-    per-head kernel still declines the CPU backend, so heads_step stays on XLA). grouped: the
-    output matvec goes through the Pallas kernel (interpreted) as on a GPU, handing its split-K
-    partial sums over at one row."""
-    calls = []
-    if grouped:
-        monkeypatch.setattr(quant, "_cpu_native", lambda w: False)  # as off the CPU
-        interpreted_group = functools.partial(gpu_kernels.matmul_group, interpret=True)
-
-        def group_spy(*args, **kw):
-            if kw.get("partials"):
-                calls.append("partials")
-            return interpreted_group(*args, **kw)
-
-        monkeypatch.setattr(gpu_kernels, "matmul_group", group_spy)
-    monkeypatch.setattr(gpu_mix, "_cpu_backend", lambda: False)  # as on a GPU host
-    fake = types.SimpleNamespace(**{n: getattr(jax.lax, n) for n in dir(jax.lax) if n[0] != "_"})
-    fake.platform_dependent = lambda *args, cuda, default: cuda(*args)
-    monkeypatch.setattr(model, "lax", fake)
-    interpreted = functools.partial(gpu_mix.mix_prologue, interpret=True)
-
-    def spy(*args, **kw):
-        addends = args[3]
-        calls.append(("ffn", addends.shape[0]) if addends is not None else ("att", len(args[8])))
-        return interpreted(*args, **kw)
-
-    monkeypatch.setattr(gpu_mix, "mix_prologue", spy)
-    return calls
-
-
 @pytest.mark.parametrize("stack_layers", [True, False], ids=["stacked", "unrolled"])
 @pytest.mark.parametrize(("B", "qtype"), [(1, "Q8_0"), (2, "Q8_0"), (1, "Q4_K_M")])
-def test_decode_with_kernel_matches_xla(monkeypatch, synth_model, stack_layers, B, qtype):
+def test_decode_with_kernel_matches_xla(
+    cuda_branch, decode_steps, synth_model, stack_layers, B, qtype
+):
     """Three float32 decode steps of the tiny model through the kernel equal the XLA path's:
     layer index, stacked vectors and LoRA matrices, shift states wired right; Q4_K_M at one row
     takes the output matvec's partial sums (Q8_0 and more rows: the summed product)."""
     m = rwkv_jax.load(synth_model("tiny", qtype), stack_layers=stack_layers, dtype="float32")
     rng = np.random.default_rng(B)
     toks = jnp.asarray(rng.integers(0, m.config.vocab_size, (3, B)), jnp.int32)
-
-    def run():
-        st, logits = m.new_state(B), []
-        for t in toks:
-            lg, st = decode_step(m.params, t, st, cfg=m.config, dtype=m.dtype)
-            logits.append(np.asarray(lg))
-        return np.stack(logits), st
-
-    want_logits, want_st = run()
-    calls = _force_kernel(monkeypatch, grouped=qtype == "Q4_K_M")
+    want_logits, want_st = decode_steps(m, toks)
+    # the prologues' CUDA branches (the per-head kernel still declines the CPU backend, so
+    # heads_step stays on XLA): logged are which prologue and its addends or LoRA downs
+    log = lambda a: ("ffn", a[3].shape[0]) if a[3] is not None else ("att", len(a[8]))  # noqa: E731
+    calls = cuda_branch([(gpu_mix, "mix_prologue", log)], grouped=qtype == "Q4_K_M")
     jax.clear_caches()
-    got_logits, got_st = run()
+    got_logits, got_st = decode_steps(m, toks)
     jax.clear_caches()
     grouped = qtype == "Q4_K_M" and B == 1
     parts = gpu_kernels._parts(m.config.n_embd // 256, gpu_kernels.SPLIT) if grouped else 1
@@ -216,12 +180,12 @@ def test_decode_with_kernel_matches_xla(monkeypatch, synth_model, stack_layers, 
         )  # fmt: skip
 
 
-def test_gpu_decode_takes_several_layers_per_scan_iteration(monkeypatch, synth_model):
+def test_gpu_decode_takes_several_layers_per_scan_iteration(monkeypatch, synth_model, decode_steps):
     """On a GPU one decode token's scan over stacked layers unrolls DECODE_LAYER_UNROLL layers
     per iteration (prefill keeps LAYER_SCAN_UNROLL), with the same results: the compiled scan's
     `unroll` read off the jaxpr, and three decode steps against the rolled scan."""
     m = rwkv_jax.load(synth_model("tiny", "Q8_0"), stack_layers=True, dtype="float32")
-    toks = jnp.asarray(np.random.default_rng(2).integers(0, m.config.vocab_size, (3, 1)))
+    toks = jnp.asarray(np.random.default_rng(2).integers(0, m.config.vocab_size, (3, 1)), jnp.int32)
 
     def unrolls(T):
         fn = functools.partial(decode_step, cfg=m.config, dtype=m.dtype)
@@ -245,11 +209,8 @@ def test_gpu_decode_takes_several_layers_per_scan_iteration(monkeypatch, synth_m
         return found
 
     def run():
-        st, logits = m.new_state(1), []
-        for t in toks:
-            lg, st = decode_step(m.params, t.astype(jnp.int32), st, cfg=m.config, dtype=m.dtype)
-            logits.append(np.asarray(lg))
-        return np.stack(logits), np.asarray(st.wkv)
+        logits, st = decode_steps(m, toks)
+        return logits, np.asarray(st.wkv)
 
     assert unrolls(1) == [model.LAYER_SCAN_UNROLL]  # the CPU
     want = run()

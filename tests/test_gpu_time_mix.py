@@ -15,7 +15,6 @@ from jax import export
 
 import rwkv_jax
 from rwkv_jax import gpu_kernels, gpu_time_mix, model, quant, wkv
-from rwkv_jax.generate import decode_step
 
 H, N, C, L = 2, 16, 32, 3
 RANKS = (24, 16, 8, 40)  # w, a, v, g: 24 and 40 take two power-of-two pieces
@@ -154,58 +153,24 @@ def test_lowers_to_triton_for_cuda(B):
     assert "dynamic_slice" not in text
 
 
-def _force_kernel(monkeypatch, grouped: bool):
-    """Run the model's CUDA branch of heads_step on the CPU, the kernel interpreted: model.lax is
-    replaced by jax.lax whose platform_dependent picks `cuda` (heads_step is model.py's only
-    platform_dependent; the matmuls dispatch in quant.py, untouched). grouped: the receptance,
-    key and value go through the grouped Pallas kernel (interpreted) as on a GPU, handing its
-    split-K partial sums over; else they fall back to three matmuls."""
-    calls = []
-    if grouped:
-        monkeypatch.setattr(quant, "_cpu_native", lambda w: False)  # as off the CPU
-        interpreted_group = functools.partial(gpu_kernels.matmul_group, interpret=True)
-
-        def group_spy(*args, **kw):
-            if kw.get("partials"):  # (other matmuls trace their CUDA branches here too)
-                calls.append("partials")
-            return interpreted_group(*args, **kw)
-
-        monkeypatch.setattr(gpu_kernels, "matmul_group", group_spy)
-    monkeypatch.setattr(gpu_time_mix, "_cpu_backend", lambda: False)  # as on a GPU host
-    fake = types.SimpleNamespace(**{n: getattr(jax.lax, n) for n in dir(jax.lax) if n[0] != "_"})
-    fake.platform_dependent = lambda *args, cuda, default: cuda(*args)
-    monkeypatch.setattr(model, "lax", fake)
-    interpreted = functools.partial(gpu_time_mix.time_mix_heads, interpret=True)
-
-    def spy(*args, **kw):
-        calls.append((args[3].shape[1], args[-1].shape))  # partial sums, the state it reads
-        return interpreted(*args, **kw)
-
-    monkeypatch.setattr(gpu_time_mix, "time_mix_heads", spy)
-    return calls
-
-
 @pytest.mark.parametrize("stack_layers", [True, False], ids=["stacked", "unrolled"])
 @pytest.mark.parametrize(("B", "qtype"), [(1, "Q8_0"), (3, "Q8_0"), (1, "Q4_K_M"), (3, "Q4_K_M")])
-def test_decode_with_kernel_matches_xla(monkeypatch, synth_model, stack_layers, B, qtype):
+def test_decode_with_kernel_matches_xla(
+    cuda_branch, decode_steps, synth_model, stack_layers, B, qtype
+):
     """Three decode steps of the tiny model through the kernel equal the XLA path's: the layer
     index, first-layer value residual, stacked vectors and state all wired right; Q4_K_M takes
     the grouped matvec's partial sums (Q8_0: the fallback, three matmuls)."""
     m = rwkv_jax.load(synth_model("tiny", qtype), stack_layers=stack_layers, dtype="float32")
     rng = np.random.default_rng(B)
     toks = jnp.asarray(rng.integers(0, m.config.vocab_size, (3, B)), jnp.int32)
-
-    def run():
-        st, logits = m.new_state(B), []
-        for t in toks:
-            lg, st = decode_step(m.params, t, st, cfg=m.config, dtype=m.dtype)
-            logits.append(np.asarray(lg))
-        return np.stack(logits), st
-
-    want_logits, want_st = run()
-    calls = _force_kernel(monkeypatch, grouped=qtype == "Q4_K_M")
+    want_logits, want_st = decode_steps(m, toks)
+    # the heads' CUDA branch (heads_step is model.py's only platform_dependent that the CPU
+    # backend reaches; gpu_mix declines it): logged are the partial sums and the state it reads
+    log = lambda a: (a[3].shape[1], a[-1].shape)  # noqa: E731
+    calls = cuda_branch([(gpu_time_mix, "time_mix_heads", log)], grouped=qtype == "Q4_K_M")
     jax.clear_caches()
-    got_logits, got_st = run()
+    got_logits, got_st = decode_steps(m, toks)
     L_, H_, N_ = m.config.n_layer, m.config.n_head, m.config.head_size
     # traced once per jit (stacked: the scan body; unrolled: once per layer)
     grouped = qtype == "Q4_K_M" and B == 1  # the partial sums are handed over at one row

@@ -562,6 +562,17 @@ struct Q5_K {
   }
 };
 
+#if defined(__AVX512BW__)
+// Q6_K half h (128 values) of a block's bits: its 64 ql bytes (runs 0, 1 of 32 values in the low
+// nibbles, runs 2, 3 in the high ones) in l, and its 32 qh bytes doubled as [qh, qh >> 2] in hs,
+// which line up with them: bits 0-1 for the low nibbles, bits 4-5 for the high ones.
+inline void q6k_half(const uint8_t* ql, const uint8_t* qh, int h, __m512i& l, __m512i& hs) {
+  l = _mm512_loadu_si512(ql + 64 * h);
+  const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * h));
+  hs = _mm512_inserti64x4(_mm512_castsi256_si512(hb), _mm256_srli_epi16(hb, 2), 1);
+}
+#endif
+
 // Q6_K {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}: x = (d*sc)*(q6 - 32) per 16 elements.
 // Per half h of 128 elements, run c (0..3) of 32: low 4 bits from ql[64h + 32(c&1) ..] (low
 // nibble for c < 2, high for c >= 2), high 2 bits from qh[32h ..] >> 2c.
@@ -593,10 +604,8 @@ struct Q6_K {
     const __m512i c32 = _mm512_set1_epi8(32);
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
-      const __m512i l = _mm512_loadu_si512(ql + 64 * h);
-      const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * h));
-      const __m512i hs =
-          _mm512_inserti64x4(_mm512_castsi256_si512(hb), _mm256_srli_epi16(hb, 2), 1);
+      __m512i l, hs;
+      q6k_half(ql, qh, h, l, hs);
       // (a & b) | c is ternary-logic 0xEA
       const __m512i lo = _mm512_ternarylogic_epi32(
           l, m0f, _mm512_and_si512(_mm512_slli_epi16(hs, 4), m30), 0xEA);
@@ -866,12 +875,14 @@ inline void q4k_xsum(const float* x, int64_t nb, float* xsum) {
   }
 }
 
-// Rows [r0, r1) of y = x · Wᵀ for one activation row through q4k_row1, 16 rows per lane sum.
-inline void q4k_rows1(const Problem& p, int64_t r0, int64_t r1) {
+// Rows [r0, r1) of y = x · Wᵀ for one activation row through a one-row kernel `row` (the 16
+// partial sums of row r), 16 rows per lane sum.
+template <class Row>
+inline void rows1(const Problem& p, int64_t r0, int64_t r1, Row row) {
   for (int64_t g = r0; g < r1; g += 16) {
     const int n = static_cast<int>(std::min<int64_t>(16, r1 - g));
     v16f part[16];
-    for (int k = 0; k < n; ++k) part[k] = reinterpret_cast<v16f>(q4k_row1(p, g + k));
+    for (int k = 0; k < n; ++k) part[k] = reinterpret_cast<v16f>(row(p, g + k));
     if (n == 16) {
       const v16f sums = reduce16(part);
       std::memcpy(p.y + g, &sums, sizeof sums);
@@ -936,13 +947,9 @@ inline __m512 q6k_row1(const Problem& p, int64_t r) {
     const __m512 dl64 = _mm512_mul_ps(dl, _mm512_set1_ps(64.0f));
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
-      // ql byte p: low nibble of value 128h + p, high of 128h + 64 + p (p < 64); the 32 qh
-      // bytes doubled as [qh, qh >> 2] line up with them: bits 0-1 for the low nibble, 4-5 for
-      // the high one (as in Q6_K::block)
-      const __m512i l = _mm512_loadu_si512(ql + 64 * h);
-      const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * h));
-      const __m512i hs =
-          _mm512_inserti64x4(_mm512_castsi256_si512(hb), _mm256_srli_epi16(hb, 2), 1);
+      // ql byte p: low nibble of value 128h + p, high of 128h + 64 + p (p < 64)
+      __m512i l, hs;
+      q6k_half(ql, qh, h, l, hs);
       // 0x80 | q << 1: the nibble to bits 1-4, the high bits to 5-6 ((a & b) | c is 0xEA)
       const __m512i v[2] = {
           _mm512_ternarylogic_epi32(
@@ -982,21 +989,6 @@ inline void q6k_xprep(const float* x, int64_t nb, float* xp) {
     for (int s = 0; s < 16; ++s) o[256 + s] = _mm512_reduce_add_ps(_mm512_loadu_ps(xb + 16 * s));
   }
 }
-
-// Rows [r0, r1) of y = x · Wᵀ for one activation row through q6k_row1, 16 rows per lane sum.
-inline void q6k_rows1(const Problem& p, int64_t r0, int64_t r1) {
-  for (int64_t g = r0; g < r1; g += 16) {
-    const int n = static_cast<int>(std::min<int64_t>(16, r1 - g));
-    v16f part[16];
-    for (int k = 0; k < n; ++k) part[k] = reinterpret_cast<v16f>(q6k_row1(p, g + k));
-    if (n == 16) {
-      const v16f sums = reduce16(part);
-      std::memcpy(p.y + g, &sums, sizeof sums);
-    } else {
-      for (int k = 0; k < n; ++k) p.y[g + k] = hsum(part[k]);
-    }
-  }
-}
 #endif
 
 // Weight rows [r0, r1) against all activation rows. With several activation passes the rows go
@@ -1005,12 +997,12 @@ template <class F>
 void rows_all(const Problem& p, int64_t r0, int64_t r1) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<F, Q4_K>) {
-    if (p.xsum) return q4k_rows1(p, r0, r1);
+    if (p.xsum) return rows1(p, r0, r1, q4k_row1);
   }
 #endif
 #if defined(__AVX512BW__)
   if constexpr (std::is_same_v<F, Q6_K>) {
-    if (p.xperm) return q6k_rows1(p, r0, r1);
+    if (p.xperm) return rows1(p, r0, r1, q6k_row1);
   }
 #endif
   const int64_t tile = p.m > kMaxRows ? 16 : std::max<int64_t>(r1 - r0, 1);
