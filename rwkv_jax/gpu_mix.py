@@ -8,7 +8,7 @@ the mixes u + (prev - u) · mix_i, their rounding to the compute dtype and, in t
 four LoRA down-projections (C -> 64..320, dense) with their activations. XLA runs these as 8
 kernels before the time mix's matvecs and 4 before the FFN's (H200 trace of the 2.9b model at
 B = 1, 1-2.4 us each with ~0.5 us between launches), for a few tens of KB of activations and
-~6 MB of LoRA weights per layer.
+3.4 MB of LoRA weights per layer (the 2.9b synthetic model: w1 F32, a1, v1, g1 F16).
 
 Here one launch does it all. Programs are of two kinds:
 
@@ -20,7 +20,7 @@ Here one launch does it all. Programs are of two kinds:
 Every program computes the layer norm's statistics of the whole row itself (a few KB from L2):
 no second launch, no barrier between programs. The kernel reads the stacked layers' vectors
 and LoRA matrices in place (the layer index, as gpu_kernels does). Only the summation order
-differs from the XLA path (model.time_mix / model.channel_mix), which stays the reference and
+differs from the XLA path (model.att_inputs / model.ffn_inputs), which stays the reference and
 every other backend's program (tests/test_gpu_mix.py checks the kernel against it).
 
 The FFN's prologue takes the output matvec's split-K partial sums as the kernel wrote them and
