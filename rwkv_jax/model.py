@@ -159,6 +159,44 @@ def _mix_kernel(x: Array, downs: tuple = ()) -> bool:
     return gpu_mix.supports(B, T, C, layers) and backends.current_profile().matvec != "fused"
 
 
+# a sub-block's prologue fields: layer norm weight and bias, mixing vectors (how many), shift
+_PROLOGUE = {
+    "att": ("ln1_w", "ln1_b", "x_rwkvag", 6, "att_shift"),
+    "ffn": ("ln2_w", "ln2_b", "ffn_x_k", 1, "ffn_shift"),
+}
+
+
+def _prologue(
+    blk: Block,
+    cfg: ModelConfig,
+    span: Span,
+    at: LayerAt | None,
+    x: Array,
+    addends: Array | None,
+    prev: Array,
+    which: str,
+    outs: tuple[int, ...],
+    downs: tuple = (),
+) -> tuple[Array | None, list[Array], Array, list[Array]]:
+    """gpu_mix.mix_prologue of one decode token for this layer's `which` sub-block ("att" /
+    "ffn", _PROLOGUE), reading its vectors, LoRA downs and shift state in place from the stacks
+    (`at`) or as stacks of one (unstacked layers)."""
+    ln_w, ln_b, mix, n_mix, shift = _PROLOGUE[which]
+    return gpu_mix.mix_prologue(
+        _layer_index(at),
+        span.valid[:, 0],
+        x[:, 0],
+        addends,
+        prev[None] if at is None else getattr(at, shift),
+        (_stacked(blk, at, ln_w), _stacked(blk, at, ln_b)),
+        _stacked(blk, at, mix).reshape(-1, n_mix, x.shape[-1]).astype(jnp.float32),
+        outs,
+        downs,
+        eps=cfg.layer_norm_eps,
+        dtype=span.dtype,
+    )
+
+
 def att_inputs(
     blk: Block, cfg: ModelConfig, x: Array, prev: Array, span: Span, at: LayerAt | None
 ) -> tuple[tuple[Array, Array, Array], tuple[Array, Array, Array, Array], Array]:
@@ -185,22 +223,21 @@ def att_inputs(
     downs = (blk.w1, blk.a1, blk.v1, blk.g1)  # from xw, xa, xv, xg (mixes 1, 4, 3, 5)
     if not _mix_kernel(x, downs):
         return xla(x, prev)
-    C = x.shape[-1]
     acts = ("tanh", None, None, "sigmoid")  # as in xla() above
 
     def kernel(x, prev):
-        _, mixed, shift, hidden = gpu_mix.mix_prologue(
-            _layer_index(at),
-            span.valid[:, 0],
-            x[:, 0],
+        spec = tuple(zip((1, 4, 3, 5), map(_stack_of, downs), acts, strict=True))
+        _, mixed, shift, hidden = _prologue(
+            blk,
+            cfg,
+            span,
+            at,
+            x,
             None,
-            prev[None] if at is None else at.att_shift,  # read in place
-            (_stacked(blk, at, "ln1_w"), _stacked(blk, at, "ln1_b")),
-            _stacked(blk, at, "x_rwkvag").reshape(-1, 6, C).astype(jnp.float32),
-            (0, 2, 3),  # r, k, v
-            tuple(zip((1, 4, 3, 5), map(_stack_of, downs), acts, strict=True)),
-            eps=cfg.layer_norm_eps,
-            dtype=dtype,
+            prev,
+            "att",
+            (0, 2, 3),
+            spec,  # mixes r, k, v out
         )
         return tuple(a[:, None] for a in mixed), tuple(h[:, None] for h in hidden), shift
 
@@ -373,18 +410,7 @@ def ffn_inputs(
             addends = matmul(blk.output, att, dtype)[None, :, 0]  # [1, B, C]
         else:  # [1, P, C, 1]: one row's partial sums, the same bytes as [P, 1, C]
             addends = parts.reshape(-1, 1, C)
-        x, (xk,), shift, _ = gpu_mix.mix_prologue(
-            _layer_index(at),
-            span.valid[:, 0],
-            x[:, 0],
-            addends,
-            prev[None] if at is None else at.ffn_shift,
-            (_stacked(blk, at, "ln2_w"), _stacked(blk, at, "ln2_b")),
-            _stacked(blk, at, "ffn_x_k").reshape(-1, 1, C).astype(jnp.float32),
-            (0,),
-            eps=cfg.layer_norm_eps,
-            dtype=dtype,
-        )
+        x, (xk,), shift, _ = _prologue(blk, cfg, span, at, x, addends, prev, "ffn", (0,))
         return x[:, None], xk[:, None], shift
 
     return lax.platform_dependent(x, att, prev, cuda=kernel, default=xla)
