@@ -1,10 +1,12 @@
-"""Launch shapes of the one-row Pallas decode kernels, per matrix, timed from profiler traces.
+"""Launch shapes of the Pallas decode kernels, per matrix, timed from profiler traces.
 
     python -m experiments.gpu_sweep [--shapes rkv cxc key value value6 head] [--configs 32:4:10 ...]
+        [--rows 64]
 
 Each shape is a stack of --layers random packed weights (as the model stacks its layers) read in
-place by gpu_kernels.matmul(..., layer=i) inside a lax.fori_loop over the layers, one activation
-row whose next value depends on the last product (so the calls run in order, as in a decode
+place by gpu_kernels.matmul(..., layer=i) inside a lax.fori_loop over the layers, --rows
+activation rows (default one; more than gpu_kernels.MAX_ROWS take the tensor-core kernel) whose
+next value depends on the last product (so the calls run in order, as in a decode
 step). One more call runs under jax.profiler.trace; per matrix it reports the Pallas kernel's
 own time (events named rwkv_jax_*, median over the layers) and all kernels per matrix (the
 split-K partial sums and the fold included) — the figure to compare launch shapes by, since a
@@ -74,7 +76,9 @@ def chained(group: int, layers: int, out: int, n_in: int, launch: dict):
     return f
 
 
-def run_shape(name: str, configs: list[str], layers: int, interpret: bool = False) -> None:
+def run_shape(
+    name: str, configs: list[str], layers: int, interpret: bool = False, rows: int = 1
+) -> None:
     cls, shape, group = SHAPES[name]
     out, n_in = shape
     stacks = [
@@ -90,7 +94,7 @@ def run_shape(name: str, configs: list[str], layers: int, interpret: bool = Fals
             continue
 
         f = chained(group, layers, out, n_in, launch)
-        x = jnp.ones((1, n_in), jnp.bfloat16)
+        x = jnp.ones((rows, n_in), jnp.bfloat16)
         try:
             jax.block_until_ready(f(stacks, x))
         except Exception as e:  # a launch shape Triton rejects
@@ -206,6 +210,7 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--rows", type=int, default=1, help="activation rows (> 4: tensor cores)")
     p.add_argument("--interpret", action="store_true", help="smoke test off CUDA (no timings)")
     p.add_argument(
         "--probe", nargs="*", default=None, help="load-only probe: configs (TILE:WARPS:SPLIT)"
@@ -228,7 +233,7 @@ def main() -> None:
                     print(f"probe {shape} {view} {spec} failed: {str(e).splitlines()[0][:90]}")
         return
     for name in a.shapes:
-        run_shape(name, a.configs, a.layers, a.interpret)
+        run_shape(name, a.configs, a.layers, a.interpret, a.rows)
 
 
 if __name__ == "__main__":

@@ -131,8 +131,16 @@ def main() -> None:
     p.add_argument(
         "--layer-unroll", type=int, default=None, help="model.DECODE_LAYER_UNROLL (decode only)"
     )
+    p.add_argument(
+        "--wkv-min-rows",
+        type=int,
+        default=None,
+        help="model.WKV_IN_PLACE_MIN_ROWS (0: the WKV state as the layer scan's outputs)",
+    )
     a = p.parse_args()
     model.DECODE_LAYER_UNROLL = a.layer_unroll or model.DECODE_LAYER_UNROLL
+    if a.wkv_min_rows is not None:
+        model.WKV_IN_PLACE_MIN_ROWS = a.wkv_min_rows
     gpu_mix.ENABLED = gpu_mix.ENABLED and not a.no_mix
     if a.mix:
         gpu_mix.DOWN_ROWS, gpu_mix.NUM_WARPS = map(int, a.mix.split(":"))

@@ -1,9 +1,9 @@
 """Decode with and without the time mix's decode kernels on a GPU (the per-head kernel,
-rwkv_jax/gpu_time_mix.py, and the prologues, rwkv_jax/gpu_mix.py): how far apart the logits and
-WKV states are.
+rwkv_jax/gpu_time_mix.py, and the prologues, rwkv_jax/gpu_mix.py; or the packed matmuls'
+kernels, rwkv_jax/gpu_kernels.py): how far apart the logits and WKV states are.
 
     python -m experiments.time_mix_check [--preset 2.9b] [--cases float32:1 float32:8 bfloat16:1]
-        [--kernels heads prologue]
+        [--kernels heads prologue matmuls]
 
 For each DTYPE:B case: `--steps` greedy-free decode steps of random tokens, once with the
 `--kernels` off (their ENABLED flags: the XLA path) and once on, in one process; prints
@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import rwkv_jax
-from rwkv_jax import gpu_mix, gpu_time_mix, synth
+from rwkv_jax import gpu_kernels, gpu_mix, gpu_time_mix, synth
 from rwkv_jax.generate import decode_step
 
-KERNELS = {"heads": gpu_time_mix, "prologue": gpu_mix}
+# `matmuls`: the packed matmuls' Pallas kernels (off: XLA's fused matvec / dequantize-then-dot)
+KERNELS = {"heads": gpu_time_mix, "prologue": gpu_mix, "matmuls": gpu_kernels}
 
 
 def run(m, toks, on: bool, kernels):
@@ -52,7 +53,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help="a .gguf file instead of the synthetic preset")
     p.add_argument("--cases", nargs="+", default=["float32:1", "float32:8", "bfloat16:1"])
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--kernels", nargs="+", choices=sorted(KERNELS), default=sorted(KERNELS))
+    p.add_argument("--kernels", nargs="+", choices=sorted(KERNELS), default=["heads", "prologue"])
     a = p.parse_args()
     path = a.model or synth.ensure(a.preset, a.type, 0)
     print(jax.devices()[0].device_kind, "jax", jax.__version__, path)

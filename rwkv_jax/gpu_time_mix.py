@@ -80,9 +80,10 @@ def _cpu_backend() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def supports(rows: int, tokens: int, head_size: int, ups: Sequence) -> bool:
-    """Whether one decode token of `rows` streams with these LoRA up matrices (unstacked
-    quant.Weight, (C, D)) runs here: dense formats, a power-of-two head size, not the CPU."""
+def supports(rows: int, tokens: int, head_size: int, ups: Sequence, stacked: bool = False) -> bool:
+    """Whether one decode token of `rows` streams with these LoRA up matrices (quant.Weight,
+    (C, D); stacked: [L, C, D]) runs here: dense formats, a power-of-two head size, not the
+    CPU."""
     return (
         ENABLED
         and not _cpu_backend()
@@ -90,7 +91,7 @@ def supports(rows: int, tokens: int, head_size: int, ups: Sequence) -> bool:
         and 1 <= rows <= MAX_ROWS
         and head_size >= 16
         and head_size & (head_size - 1) == 0
-        and all(type(w).__name__ in _DENSE and w.w.ndim == 2 for w in ups)
+        and all(type(w).__name__ in _DENSE and w.w.ndim == 2 + stacked for w in ups)
     )
 
 
@@ -110,6 +111,7 @@ def time_mix_heads(
     l2_eps: float,
     dtype,
     round_weights: bool,
+    in_place: bool = False,
     interpret: bool = False,
 ) -> tuple[Array, Array, Array]:
     """The per-head work of one decode token (module docstring), for B rows.
@@ -126,8 +128,11 @@ def time_mix_heads(
     round_weights: round the up matrices to dtype first (what the XLA dot does for more than
     quant.MATVEC_MAX_ROWS rows).
 
+    in_place: write layer `layer`'s new state into S itself (the output aliases S, so XLA needs
+    no buffer and no copy for it when S is a loop's carried stack) and return the whole stack.
+
     Returns (out * g [B, C] in dtype — the output matvec's input —, v_first [B, C] float32,
-    S [B, H, N, N]).
+    S [B, H, N, N] — or in_place, the stack [L, B, H, N, N]).
     """
     B, C = v_first.shape
     hidden = tuple(h.astype(dtype) for h in hidden)  # model.matmul casts its input
@@ -136,16 +141,25 @@ def time_mix_heads(
     args = (index, act, rkv, v_first, *hidden, *ups, *vectors, S)
     shapes = tuple(a.shape for a in args)
     call = _call(
-        shapes, first, jnp.dtype(dtype), round_weights, eps, decay_scale, l2_eps, interpret
+        shapes,
+        first,
+        jnp.dtype(dtype),
+        round_weights,
+        eps,
+        decay_scale,
+        l2_eps,
+        in_place,
+        interpret,
     )
     out, vf, S_new = call(*args)
     return out.reshape(B, C), vf.reshape(B, C), S_new
 
 
 @functools.cache
-def _call(shapes, first, dtype, round_weights, eps, decay_scale, l2_eps, interpret):
+def _call(shapes, first, dtype, round_weights, eps, decay_scale, l2_eps, in_place, interpret):
     """The pallas_call for inputs of these shapes: grid (B rows, H heads); every input passed
-    whole and indexed in the kernel."""
+    whole and indexed in the kernel. in_place: the state output is the state input's buffer
+    (each program reads its own row and head of the layer before it writes them back)."""
     f32 = jnp.float32
     _, B, H, N, _ = shapes[-1]  # the state [L, B, H, N, N]
     splits = [pieces(s[-1]) for s in shapes[4:8]]  # the hiddens [B, D]
@@ -224,26 +238,31 @@ def _call(shapes, first, dtype, round_weights, eps, decay_scale, l2_eps, interpr
         bonus = jnp.sum(r * k * r_k)
         o_ref[...] = ((yn + bonus * v) * g).astype(o_ref.dtype)
         vfo_ref[...] = vf
-        so_ref[...] = S
+        if in_place:
+            so_ref[layer, b, h] = S
+        else:
+            so_ref[...] = S
 
     def whole(shape):  # the whole array: the kernel indexes it itself
         return pl.BlockSpec(shape, lambda b, h: (0,) * len(shape))
 
     row_head = pl.BlockSpec((None, None, N), lambda b, h: (b, h, 0))
+    if in_place:  # the whole stack, aliased to the state input (the last)
+        state, state_spec = shapes[-1], whole(shapes[-1])
+    else:
+        state = (B, H, N, N)
+        state_spec = pl.BlockSpec((None, None, N, N), lambda b, h: (b, h, 0, 0))
     return pl.pallas_call(
         kernel,
         out_shape=(
             jax.ShapeDtypeStruct((B, H, N), dtype),
             jax.ShapeDtypeStruct((B, H, N), f32),
-            jax.ShapeDtypeStruct((B, H, N, N), f32),
+            jax.ShapeDtypeStruct(state, f32),
         ),
         grid=(B, H),
         in_specs=[whole(s) for s in shapes],
-        out_specs=(
-            row_head,
-            row_head,
-            pl.BlockSpec((None, None, N, N), lambda b, h: (b, h, 0, 0)),
-        ),
+        out_specs=(row_head, row_head, state_spec),
+        input_output_aliases={len(shapes) - 1: 2} if in_place else {},
         compiler_params=gpu_kernels.compiler_params(NUM_WARPS, 1, interpret),
         interpret=interpret,
         name="rwkv_jax_time_mix_heads",

@@ -33,6 +33,13 @@ LAYER_SCAN_UNROLL = 1
 # 365 kernels per token), first call 9.4 / 8.8 / 9.5 s; tg:4:64 at 2 873.9 (~815 at 1). Prefill
 # keeps LAYER_SCAN_UNROLL: its body is large (compile time grows with each copy).
 DECODE_LAYER_UNROLL = 4
+# decode steps of at least this many rows whose per-head work takes the gpu_time_mix kernel
+# carry the WKV state stack through the layer scan and update it in place (see `layers`); fewer
+# rows (or 0: none) take it as the scan's per-layer outputs. H200, 2.9b Q4_K_M, `python -m
+# experiments.gpu_trace --cases tg:1:128 tg:4:64 tg:64:32 [--wkv-outputs]`, one machine: B = 64
+# 6681.1 -> 8207.2 tok/s (busy 310.0 -> 245.7 ms per call), B = 1 459.8 -> 459.2, B = 4 961.0 ->
+# 939.0 (busy 269.1 -> 267.3 ms but wall 266.4 -> 272.6 ms: not explained), so from 5 rows.
+WKV_IN_PLACE_MIN_ROWS = 5
 
 # (S, r, k, v, alpha, beta, log_decay) -> (y, S), inputs [B, T, H, N], S [B, H, N, N]
 WkvFn = Callable[..., tuple[Array, Array]]
@@ -115,6 +122,9 @@ class LayerAt(NamedTuple):
     att_shift: Array  # [L, B, C]
     ffn_shift: Array  # [L, B, C]
     index: Array  # int32 []: this layer
+    # wkv is the scan's carried stack: the time mix writes this layer's new state into it and
+    # returns the whole stack (see `layers`)
+    wkv_carried: bool = False
 
 
 def time_mix(
@@ -133,6 +143,18 @@ def time_mix(
     rkv = [(blk.receptance, xr), (blk.key, xk), (blk.value, xv)]
     out, v_first, S = heads_step(blk, cfg, rkv, v_first, is_first, hidden, st.wkv, span, at)
     return out, v_first, att_shift, S
+
+
+def heads_kernel(ups: tuple, cfg: ModelConfig, B: int, T: int) -> bool:
+    """Whether B rows of T tokens take the per-head kernel (gpu_time_mix) with these LoRA up
+    matrices (one layer's, quant.LayerOf of a layer, or the stacks [L, ...]): one decode token
+    on CUDA (Metal keeps the program it compiles)."""
+    layers = [w.layer if isinstance(w, quant.LayerOf) else w for w in ups]
+    stacked = all(getattr(w, "w", None) is not None and w.w.ndim == 3 for w in layers)
+    return (
+        gpu_time_mix.supports(B, T, cfg.head_size, layers, stacked=stacked)
+        and backends.current_profile().matvec != "fused"
+    )
 
 
 def _stacked(blk: Block, at: LayerAt | None, name: str) -> Array:
@@ -315,17 +337,22 @@ def heads_step(
     ws = [w for w, _ in rkv]
     B, T, C = rkv[0][1].shape
     ups = (blk.w2, blk.a2, blk.v2, blk.g2)
-    layers = [w.layer if isinstance(w, quant.LayerOf) else w for w in ups]
+    carried = at is not None and at.wkv_carried
 
     def xla(xr, xk, xv, v_first, S, *hidden):
         r, k, v = matmuls(list(zip(ws, (xr, xk, xv), strict=True)), dtype)
-        out, v_first, S = heads(blk, cfg, r, k, v, v_first, is_first, tuple(hidden), S, span)
+        if carried:  # S is the carried stack: this layer's slice in, the stack updated out
+            layer = lax.dynamic_index_in_dim(S, at.index, keepdims=False)  # type: ignore[union-attr]
+            out, v_first, new = heads(blk, cfg, r, k, v, v_first, is_first, hidden, layer, span)
+            S = lax.dynamic_update_index_in_dim(S, new, at.index, 0)  # type: ignore[union-attr]
+        else:
+            out, v_first, S = heads(blk, cfg, r, k, v, v_first, is_first, hidden, S, span)
         return out.astype(dtype), v_first, S
 
     xs = tuple(x for _, x in rkv)
-    if not gpu_time_mix.supports(B, T, cfg.head_size, layers) or (
-        backends.current_profile().matvec == "fused"  # Metal: the program it compiles
-    ):
+    if carried:
+        S = at.wkv  # type: ignore[union-attr]
+    if not heads_kernel(ups, cfg, B, T):
         return xla(*xs, v_first, S, *hidden)
     names = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_x_w", "ln_x_b")
     vectors = tuple(_stacked(blk, at, n).reshape(-1, C).astype(jnp.float32) for n in names)
@@ -358,6 +385,7 @@ def heads_step(
             l2_eps=L2_EPS,
             dtype=dtype,
             round_weights=B > quant.MATVEC_MAX_ROWS,
+            in_place=carried,
         )
         return out[:, None], v_first[:, None], S
 
@@ -461,21 +489,37 @@ def layers(
     """All blocks: a lax.scan over stacked layers, or an unrolled loop over a tuple."""
     v_first0 = jnp.zeros_like(x)
     if params.stacked:
+        blocks: Block = params.blocks  # type: ignore[assignment]
+        B, T, _ = x.shape
+        # the per-head kernel writes each layer's WKV state into the carried stack in place: as
+        # the scan's per-layer outputs, XLA fills a new stack with zeros, copies each layer's
+        # state into it, and copies the result into the decode loop's carry (at B = 64 three
+        # passes over 1.3 GB per token: 2.1 of 9.7 ms per step on an H200)
+        ups = (blocks.w2, blocks.a2, blocks.v2, blocks.g2)
+        carried = 0 < WKV_IN_PLACE_MIN_ROWS <= B and heads_kernel(ups, cfg, B, T)
 
         def body(carry, xs):
-            h, v_first = carry
+            h, v_first, wkv = carry
             blk, idx, a_sh, f_sh, S = xs
             with jax.named_scope("block"):
-                st = LayerState(a_sh, f_sh, S)
-                blk = layer_of(blk, params.blocks, idx)  # type: ignore[arg-type]
-                at = LayerAt(params.blocks, state.wkv, state.att_shift, state.ffn_shift, idx)  # type: ignore[arg-type]
+                blk = layer_of(blk, blocks, idx)
+                if carried:
+                    S, wkv_at = None, wkv
+                else:
+                    wkv_at = state.wkv
+                at = LayerAt(blocks, wkv_at, state.att_shift, state.ffn_shift, idx, carried)
+                st = LayerState(a_sh, f_sh, S)  # type: ignore[arg-type]
                 h, v_first, st = block(blk, cfg, h, st, v_first, idx == 0, span, at)
-            return (h, v_first), tuple(st)
+            if carried:
+                return (h, v_first, st.wkv), (st.att_shift, st.ffn_shift, None)
+            return (h, v_first, wkv), tuple(st)
 
-        xs = (params.blocks, jnp.arange(cfg.n_layer), state.att_shift, state.ffn_shift, state.wkv)
-        unroll = DECODE_LAYER_UNROLL if x.shape[1] == 1 and _on_gpu() else LAYER_SCAN_UNROLL
-        (x, _), (att, ffn, S) = lax.scan(body, (x, v_first0), xs, unroll=unroll)
-        return x, State(att, ffn, S)
+        per_layer_wkv = None if carried else state.wkv
+        wkv0 = state.wkv if carried else None
+        xs = (blocks, jnp.arange(cfg.n_layer), state.att_shift, state.ffn_shift, per_layer_wkv)
+        unroll = DECODE_LAYER_UNROLL if T == 1 and _on_gpu() else LAYER_SCAN_UNROLL
+        (x, _, wkv), (att, ffn, S) = lax.scan(body, (x, v_first0, wkv0), xs, unroll=unroll)
+        return x, State(att, ffn, wkv if carried else S)
     v_first, out = v_first0, []
     for i, blk in enumerate(params.blocks):  # type: ignore[arg-type]
         with jax.named_scope(f"block_{i}"):

@@ -74,7 +74,7 @@ def cuda_branch(monkeypatch):
             interpreted = functools.partial(getattr(module, name), interpret=True)
 
             def spy(*args, _f=interpreted, _log=log, **kw):
-                calls.append(_log(args))
+                calls.append(_log(args, kw))
                 return _f(*args, **kw)
 
             monkeypatch.setattr(module, name, spy)

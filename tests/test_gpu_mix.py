@@ -157,7 +157,7 @@ def test_decode_with_kernel_matches_xla(
     want_logits, want_st = decode_steps(m, toks)
     # the prologues' CUDA branches (the per-head kernel still declines the CPU backend, so
     # heads_step stays on XLA): logged are which prologue and its addends or LoRA downs
-    log = lambda a: ("ffn", a[3].shape[0]) if a[3] is not None else ("att", len(a[8]))  # noqa: E731
+    log = lambda a, kw: ("ffn", a[3].shape[0]) if a[3] is not None else ("att", len(a[8]))  # noqa: E731
     calls = cuda_branch([(gpu_mix, "mix_prologue", log)], grouped=qtype == "Q4_K_M")
     jax.clear_caches()
     got_logits, got_st = decode_steps(m, toks)

@@ -119,10 +119,11 @@ def test_pieces_cover_the_rank():
         assert [s for s, _ in got] == list(np.cumsum([0] + [w for _, w in got])[:-1])
 
 
-@pytest.mark.parametrize("B", [1, 8])
-def test_lowers_to_triton_for_cuda(B):
+@pytest.mark.parametrize(("B", "in_place"), [(1, False), (8, False), (8, True)])
+def test_lowers_to_triton_for_cuda(B, in_place):
     """The kernel passes Pallas' Triton lowering for CUDA at the 2.9b model's sizes (C = 2560,
-    ranks 96/96/64/320, head size 64), reading the stacks whole."""
+    ranks 96/96/64/320, head size 64), reading the stacks whole; in place, its state output is
+    the state input's buffer (an aliased operand) and the whole stack."""
     C_, L_, H_, ranks = 2560, 4, 40, (96, 96, 64, 320)
     f32 = jnp.float32
     args = (
@@ -144,30 +145,38 @@ def test_lowers_to_triton_for_cuda(B):
             l2_eps=model.L2_EPS,
             dtype=jnp.bfloat16,
             round_weights=B > 4,
+            in_place=in_place,
         )
     )
     text = export.export(f, platforms=["cuda"], disabled_checks=TRITON)(*args).mlir_module()
     call = [ln for ln in text.splitlines() if "__gpu$xla.gpu.triton" in ln]
     assert len(call) == 1
-    assert f"tensor<{L_}x{B}x{H_}x64x64xf32>" in call[0]  # the whole state stack
+    stack = f"tensor<{L_}x{B}x{H_}x64x64xf32>"
+    assert stack in call[0]  # the whole state stack
     assert "dynamic_slice" not in text
+    assert ("output_operand_aliases" in call[0]) == in_place
+    assert call[0].split("->")[-1].count(stack) == in_place  # results: the stack when in place
 
 
 @pytest.mark.parametrize("stack_layers", [True, False], ids=["stacked", "unrolled"])
 @pytest.mark.parametrize(("B", "qtype"), [(1, "Q8_0"), (3, "Q8_0"), (1, "Q4_K_M"), (3, "Q4_K_M")])
 def test_decode_with_kernel_matches_xla(
-    cuda_branch, decode_steps, synth_model, stack_layers, B, qtype
+    monkeypatch, cuda_branch, decode_steps, synth_model, stack_layers, B, qtype
 ):
     """Three decode steps of the tiny model through the kernel equal the XLA path's: the layer
     index, first-layer value residual, stacked vectors and state all wired right; Q4_K_M takes
-    the grouped matvec's partial sums (Q8_0: the fallback, three matmuls)."""
+    the grouped matvec's partial sums (Q8_0: the fallback, three matmuls); stacked layers at
+    WKV_IN_PLACE_MIN_ROWS rows write the carried state stack in place."""
     m = rwkv_jax.load(synth_model("tiny", qtype), stack_layers=stack_layers, dtype="float32")
     rng = np.random.default_rng(B)
     toks = jnp.asarray(rng.integers(0, m.config.vocab_size, (3, B)), jnp.int32)
     want_logits, want_st = decode_steps(m, toks)
     # the heads' CUDA branch (heads_step is model.py's only platform_dependent that the CPU
-    # backend reaches; gpu_mix declines it): logged are the partial sums and the state it reads
-    log = lambda a: (a[3].shape[1], a[-1].shape)  # noqa: E731
+    # backend reaches; gpu_mix declines it): logged are the partial sums, the state it reads and
+    # whether it writes it in place (stacked: the scan's carried stack)
+    log = lambda a, kw: (a[3].shape[1], a[-1].shape, kw["in_place"])  # noqa: E731
+    monkeypatch.setattr(model, "WKV_IN_PLACE_MIN_ROWS", 3)  # B = 3 carries it, B = 1 does not
+    in_place = stack_layers and B >= 3
     calls = cuda_branch([(gpu_time_mix, "time_mix_heads", log)], grouped=qtype == "Q4_K_M")
     jax.clear_caches()
     got_logits, got_st = decode_steps(m, toks)
@@ -176,7 +185,9 @@ def test_decode_with_kernel_matches_xla(
     grouped = qtype == "Q4_K_M" and B == 1  # the partial sums are handed over at one row
     parts = gpu_kernels._parts(m.config.n_embd // 256, gpu_kernels.SPLIT) if grouped else 1
     state = (L_ if stack_layers else 1, B, H_, N_, N_)
-    assert calls == (["partials"] * grouped + [(parts, state)]) * (1 if stack_layers else L_)
+    assert calls == (["partials"] * grouped + [(parts, state, in_place)]) * (
+        1 if stack_layers else L_
+    )
     jax.clear_caches()
     scale = np.abs(want_logits).max()
     np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4 * scale)
@@ -188,3 +199,21 @@ def test_decode_with_kernel_matches_xla(
     np.testing.assert_allclose(
         np.asarray(got_st.ffn_shift), np.asarray(want_st.ffn_shift), rtol=1e-4, atol=1e-5
     )
+
+
+def test_carried_state_through_xla_equals_per_layer_outputs(monkeypatch, decode_steps, synth_model):
+    """Where the per-head kernel applies but the backend takes platform_dependent's default
+    branch (a GPU without CUDA), the carried WKV stack is updated by XLA's dynamic-update-slice:
+    the same numbers as the scan's per-layer outputs (bit for bit: the same operations)."""
+    m = rwkv_jax.load(synth_model("tiny", "Q8_0"), stack_layers=True, dtype="float32")
+    toks = jnp.asarray(np.random.default_rng(5).integers(0, m.config.vocab_size, (3, 2)), jnp.int32)
+    want_logits, want_st = decode_steps(m, toks)
+    monkeypatch.setattr(gpu_time_mix, "_cpu_backend", lambda: False)  # the kernel "applies"
+    monkeypatch.setattr(model, "WKV_IN_PLACE_MIN_ROWS", 2)
+    assert model.heads_kernel((m.params.blocks.w2,) * 4, m.config, 2, 1)
+    jax.clear_caches()
+    got_logits, got_st = decode_steps(m, toks)
+    jax.clear_caches()
+    np.testing.assert_array_equal(got_logits, want_logits)
+    for got, want in zip(jax.tree.leaves(got_st), jax.tree.leaves(want_st), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
