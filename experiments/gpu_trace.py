@@ -137,7 +137,12 @@ def main() -> None:
         default=None,
         help="model.WKV_IN_PLACE_MIN_ROWS (0: the WKV state as the layer scan's outputs)",
     )
+    p.add_argument(
+        "--up-rows", type=int, default=None, help="gpu_time_mix.MAX_UP_ROWS (LoRA ups in-kernel)"
+    )
     a = p.parse_args()
+    if a.up_rows is not None:
+        gpu_time_mix.MAX_UP_ROWS = a.up_rows
     model.DECODE_LAYER_UNROLL = a.layer_unroll or model.DECODE_LAYER_UNROLL
     if a.wkv_min_rows is not None:
         model.WKV_IN_PLACE_MIN_ROWS = a.wkv_min_rows

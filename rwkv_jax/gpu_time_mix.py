@@ -28,6 +28,10 @@ them (no XLA reduce and slice kernels: B = 1 333.3 -> 339.2 tok/s with the matve
 place); with more rows a row's partial sums lie M floats apart and the loads did not coalesce
 (B = 64 5987 -> 3880), so those take the summed products.
 
+Batched decode: from MAX_UP_ROWS rows on, XLA's GEMMs compute the LoRA up products first and
+the kernel takes those; from model.WKV_IN_PLACE_MIN_ROWS rows it writes the new state into the
+carried stack in place (`in_place`).
+
 Measured on an H200 (2.9b Q4_K_M, bf16, `python -m experiments.gpu_trace --cases tg:1:128
 tg:4:64 tg:64:32`, one process per variant on one machine): B = 1 297.9 -> 334.2 tok/s (with the
 launch-shape changes of gpu_kernels: 303.7 without this kernel), B = 4 716.0 -> 834.6, B = 64
@@ -55,6 +59,14 @@ Array = jax.Array
 MAX_ROWS = 64
 # LoRA ranks are split into power-of-two pieces of at most this many columns per load
 MAX_PIECE = 128
+# at most this many rows multiply the LoRA up matrices inside the kernel; more take XLA's
+# (tensor-core) matmuls first and hand the kernel their products: each program (one per row and
+# head) re-reads its head's columns of all four matrices, 74 KB at the 2.9b's ranks. H200, 2.9b
+# Q4_K_M, `python -m experiments.gpu_trace --cases tg:8:64 tg:64:32 [--up-rows N]`, one machine:
+# products handed over at B = 64 8124.1 -> 8914.0 tok/s (this kernel 33 us per call, traced with
+# another change; 67 us in the previous series; four more GEMMs of ~3 us), at B = 8 1681.8 -> 1618.7 (slower: the ups stay
+# inside up to 8 rows; 9..63 rows not measured)
+MAX_UP_ROWS = 8
 # H200, 2.9b, generation loop (experiments/gpu_trace --time-mix-warps): 8 warps 6.1 us per call
 # at B = 1 (334.2 tok/s), 4 warps 7.0 us (328.7 tok/s)
 NUM_WARPS = 8
@@ -102,7 +114,7 @@ def time_mix_heads(
     rkv: Array,
     v_first: Array,
     hidden: tuple[Array, Array, Array, Array],
-    ups: tuple[Array, Array, Array, Array],
+    ups: tuple[Array, Array, Array, Array] | None,
     vectors: tuple[Array, ...],
     S: Array,
     *,
@@ -122,7 +134,8 @@ def time_mix_heads(
     [3, P, M >= B, C] (the grouped kernel's `partials` at one row, or P = 1: the products; the
     kernel adds them and rounds to dtype, as the matmul would); v_first: float32 [B, C];
     hidden: the LoRA hiddens after their activations (tanh(xw w1), xa a1, xv v1, σ(xg g1))
-    [B, D_i]; ups: the up matrices' stored values [L, C, D_i] (w2, a2, v2, g2); vectors: (w0,
+    [B, D_i]; ups: the up matrices' stored values [L, C, D_i] (w2, a2, v2, g2), or None: the
+    hiddens are the up products already, [B, C] as the matmul returns them; vectors: (w0,
     a0, v0, k_k, k_a, r_k, ln_x_w, ln_x_b) each [L, C] float32; S: the WKV state
     [L, B, H, N, N] float32; dtype: the compute dtype whose rounding the matmul results take;
     round_weights: round the up matrices to dtype first (what the XLA dot does for more than
@@ -135,10 +148,10 @@ def time_mix_heads(
     S [B, H, N, N] — or in_place, the stack [L, B, H, N, N]).
     """
     B, C = v_first.shape
-    hidden = tuple(h.astype(dtype) for h in hidden)  # model.matmul casts its input
+    hidden = tuple(h.astype(dtype) for h in hidden)  # model.matmul casts its input / output
     act = active.astype(jnp.float32).reshape(B, 1)
     index = jnp.asarray(layer, jnp.int32).reshape(1)
-    args = (index, act, rkv, v_first, *hidden, *ups, *vectors, S)
+    args = (index, act, rkv, v_first, *hidden, *(ups or ()), *vectors, S)
     shapes = tuple(a.shape for a in args)
     call = _call(
         shapes,
@@ -162,14 +175,16 @@ def _call(shapes, first, dtype, round_weights, eps, decay_scale, l2_eps, in_plac
     (each program reads its own row and head of the layer before it writes them back)."""
     f32 = jnp.float32
     _, B, H, N, _ = shapes[-1]  # the state [L, B, H, N, N]
+    n_ups = len(shapes) - 17  # 4 up matrices, or none (the hiddens are their products)
     splits = [pieces(s[-1]) for s in shapes[4:8]]  # the hiddens [B, D]
     n_parts = shapes[2][1]  # rkv [3, P, M, C]
 
     def kernel(layer_ref, act_ref, rkv_ref, vf_ref, *refs):
-        hw_ref, ha_ref, hv_ref, hg_ref = refs[0:4]
-        w2_ref, a2_ref, v2_ref, g2_ref = refs[4:8]
-        w0_ref, a0_ref, v0_ref, kk_ref, ka_ref, rk_ref, lnw_ref, lnb_ref = refs[8:16]
-        s_ref, o_ref, vfo_ref, so_ref = refs[16:20]
+        h_refs, up_refs = refs[0:4], refs[4 : 4 + n_ups]
+        w0_ref, a0_ref, v0_ref, kk_ref, ka_ref, rk_ref, lnw_ref, lnb_ref = refs[
+            4 + n_ups : 12 + n_ups
+        ]
+        s_ref, o_ref, vfo_ref, so_ref = refs[12 + n_ups :]
         layer = layer_ref[0]
         is_first = layer == 0 if first is None else first
         b, h = pl.program_id(0), pl.program_id(1)
@@ -192,18 +207,16 @@ def _call(shapes, first, dtype, round_weights, eps, decay_scale, l2_eps, in_plac
 
         # every load first: a reduction across warps is a barrier, and loads issued after one
         # wait for it, so interleaving loads with sums makes a chain of memory round trips
-        ups = [
-            [
-                (w_ref[layer, cols, pl.ds(start, width)], x_ref[b, pl.ds(start, width)])
-                for start, width in split
+        if n_ups:
+            ups = [
+                [
+                    (w_ref[layer, cols, pl.ds(start, width)], x_ref[b, pl.ds(start, width)])
+                    for start, width in split
+                ]
+                for w_ref, x_ref, split in zip(up_refs, h_refs, splits, strict=True)
             ]
-            for w_ref, x_ref, split in zip(
-                (w2_ref, a2_ref, v2_ref, g2_ref),
-                (hw_ref, ha_ref, hv_ref, hg_ref),
-                splits,
-                strict=True,
-            )
-        ]
+        else:  # this head's columns of the products
+            ups = [x_ref[b, cols].astype(f32) for x_ref in h_refs]
         S = s_ref[layer, b, h]  # [N (value), N (key)]
         rkv = [[rkv_ref[g, p, b, cols] for p in range(n_parts)] for g in range(3)]
         vf = vf_ref[b, cols]
@@ -214,7 +227,7 @@ def _call(shapes, first, dtype, round_weights, eps, decay_scale, l2_eps, in_plac
         live = act_ref[b, :] != 0.0  # [1]: a padding row leaves its state as it is
 
         r, k, v = (rounded(functools.reduce(jnp.add, parts)) for parts in rkv)
-        zw, za, zv, zg = (up(pairs) for pairs in ups)
+        zw, za, zv, zg = (up(pairs) for pairs in ups) if n_ups else ups
         ld = -decay_scale * sigmoid(w0 + zw)
         a = sigmoid(a0 + za)
         g = zg

@@ -360,7 +360,11 @@ def heads_step(
     index = _layer_index(at)
     first = bool(is_first) if at is None else None  # stacked: the kernel asks layer == 0
 
+    projected = B > gpu_time_mix.MAX_UP_ROWS
+
     def kernel(xr, xk, xv, v_first, S, *hidden):
+        if projected:  # the LoRA ups as the XLA path computes them: the kernel takes products
+            hidden = tuple(matmul(w, h, dtype) for w, h in zip(ups, hidden, strict=True))
         pairs = list(zip(ws, (xr.astype(dtype), xk.astype(dtype), xv.astype(dtype)), strict=True))
         # one row: the grouped kernel's partial sums [3, P, C, 1] as they are ([3, P, 1, C]:
         # the same bytes); more rows (M > 1: each row's values lie M apart there) or no group:
@@ -377,7 +381,7 @@ def heads_step(
             parts,
             v_first[:, 0],
             tuple(h[:, 0] for h in hidden),
-            up_values,
+            None if projected else up_values,
             vectors,
             S[None] if at is None else at.wkv,
             eps=cfg.group_norm_eps,

@@ -65,10 +65,12 @@ CFG = types.SimpleNamespace(n_head=H, head_size=N, group_norm_eps=64e-5)
 
 @pytest.mark.parametrize(("B", "layer"), [(1, 1), (3, 0), (6, 2)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-def test_kernel_matches_xla_heads(B, layer, dtype):
+@pytest.mark.parametrize("projected", [False, True], ids=["ups_inside", "ups_given"])
+def test_kernel_matches_xla_heads(B, layer, dtype, projected):
     """Kernel (interpreted) == model.heads on the same inputs: outputs within float32 reordering
     of sums over a head (N = 16 terms, each step of the chain a few ulp: 1e-5 relative), v_first
-    exact, and a padding row's state untouched bit for bit."""
+    exact, and a padding row's state untouched bit for bit. projected: the kernel takes the LoRA
+    up products (model.matmul's) instead of the hiddens and matrices."""
     rng = np.random.default_rng(100 * B + layer)
     p = _params(rng)
     (r, k, v), v_first, hidden, S = _inputs(rng, B, dtype)
@@ -80,6 +82,9 @@ def test_kernel_matches_xla_heads(B, layer, dtype):
     second = jnp.asarray(rng.integers(-64, 65, (3, B, C)) / 64.0, jnp.float32)
     first_part = jnp.stack([r[:, 0], k[:, 0], v[:, 0]]) - second
     parts = jnp.stack([first_part, second], axis=1)  # [3, 2, B, C]
+    lay = _layer(p, layer)
+    ups = (lay.w2, lay.a2, lay.v2, lay.g2)
+    products = tuple(model.matmul(w, h, dtype) for w, h in zip(ups, hidden, strict=True))
 
     got = gpu_time_mix.time_mix_heads(
         jnp.int32(layer),
@@ -87,8 +92,8 @@ def test_kernel_matches_xla_heads(B, layer, dtype):
         jnp.asarray(active),
         parts,
         v_first[:, 0],
-        tuple(h[:, 0] for h in hidden),
-        (p.w2.w, p.a2.w, p.v2.w, p.g2.w),
+        tuple(h[:, 0] for h in (products if projected else hidden)),
+        None if projected else (p.w2.w, p.a2.w, p.v2.w, p.g2.w),
         tuple(a.reshape(L, C) for a in (p.w0, p.a0, p.v0, p.k_k, p.k_a, p.r_k, p.ln_x_w, p.ln_x_b)),
         S,
         eps=CFG.group_norm_eps,
@@ -159,7 +164,9 @@ def test_lowers_to_triton_for_cuda(B, in_place):
 
 
 @pytest.mark.parametrize("stack_layers", [True, False], ids=["stacked", "unrolled"])
-@pytest.mark.parametrize(("B", "qtype"), [(1, "Q8_0"), (3, "Q8_0"), (1, "Q4_K_M"), (3, "Q4_K_M")])
+@pytest.mark.parametrize(
+    ("B", "qtype"), [(1, "Q8_0"), (3, "Q8_0"), (1, "Q4_K_M"), (3, "Q4_K_M"), (9, "Q8_0")]
+)
 def test_decode_with_kernel_matches_xla(
     monkeypatch, cuda_branch, decode_steps, synth_model, stack_layers, B, qtype
 ):
@@ -172,9 +179,9 @@ def test_decode_with_kernel_matches_xla(
     toks = jnp.asarray(rng.integers(0, m.config.vocab_size, (3, B)), jnp.int32)
     want_logits, want_st = decode_steps(m, toks)
     # the heads' CUDA branch (heads_step is model.py's only platform_dependent that the CPU
-    # backend reaches; gpu_mix declines it): logged are the partial sums, the state it reads and
-    # whether it writes it in place (stacked: the scan's carried stack)
-    log = lambda a, kw: (a[3].shape[1], a[-1].shape, kw["in_place"])  # noqa: E731
+    # backend reaches; gpu_mix declines it): logged are the partial sums, the state it reads,
+    # whether it writes it in place (stacked: the scan's carried stack), whether it takes products
+    log = lambda a, kw: (a[3].shape[1], a[-1].shape, kw["in_place"], a[6] is None)  # noqa: E731
     monkeypatch.setattr(model, "WKV_IN_PLACE_MIN_ROWS", 3)  # B = 3 carries it, B = 1 does not
     in_place = stack_layers and B >= 3
     calls = cuda_branch([(gpu_time_mix, "time_mix_heads", log)], grouped=qtype == "Q4_K_M")
@@ -185,7 +192,8 @@ def test_decode_with_kernel_matches_xla(
     grouped = qtype == "Q4_K_M" and B == 1  # the partial sums are handed over at one row
     parts = gpu_kernels._parts(m.config.n_embd // 256, gpu_kernels.SPLIT) if grouped else 1
     state = (L_ if stack_layers else 1, B, H_, N_, N_)
-    assert calls == (["partials"] * grouped + [(parts, state, in_place)]) * (
+    projected = B > gpu_time_mix.MAX_UP_ROWS  # the kernel takes the LoRA up products
+    assert calls == (["partials"] * grouped + [(parts, state, in_place, projected)]) * (
         1 if stack_layers else L_
     )
     jax.clear_caches()
