@@ -28,7 +28,7 @@ them (no XLA reduce and slice kernels: B = 1 333.3 -> 339.2 tok/s with the matve
 place); with more rows a row's partial sums lie M floats apart and the loads did not coalesce
 (B = 64 5987 -> 3880), so those take the summed products.
 
-Batched decode: from MAX_UP_ROWS rows on, XLA's GEMMs compute the LoRA up products first and
+Batched decode: above MAX_UP_ROWS rows XLA's GEMMs compute the LoRA up products first and
 the kernel takes those; from model.WKV_IN_PLACE_MIN_ROWS rows it writes the new state into the
 carried stack in place (`in_place`).
 
@@ -64,9 +64,10 @@ MAX_PIECE = 128
 # head) re-reads its head's columns of all four matrices, 74 KB at the 2.9b's ranks. H200, 2.9b
 # Q4_K_M, `python -m experiments.gpu_trace --cases tg:8:64 tg:64:32 [--up-rows N]`, one machine:
 # products handed over at B = 64 8124.1 -> 8914.0 tok/s (this kernel 33 us per call, traced with
-# another change; 67 us in the previous series; four more GEMMs of ~3 us), at B = 8 1681.8 -> 1618.7 (slower: the ups stay
-# inside up to 8 rows; 9..63 rows not measured)
-MAX_UP_ROWS = 8
+# another change; 67 us in the previous series; four more GEMMs of ~3 us), at B = 8 1681.8 ->
+# 1618.7; on another machine B = 16 3239.7 -> 3180.4, B = 32 5231.6 -> 5375.1. So up to 16 rows
+# the ups stay inside.
+MAX_UP_ROWS = 16
 # H200, 2.9b, generation loop (experiments/gpu_trace --time-mix-warps): 8 warps 6.1 us per call
 # at B = 1 (334.2 tok/s), 4 warps 7.0 us (328.7 tok/s)
 NUM_WARPS = 8

@@ -165,7 +165,7 @@ def test_lowers_to_triton_for_cuda(B, in_place):
 
 @pytest.mark.parametrize("stack_layers", [True, False], ids=["stacked", "unrolled"])
 @pytest.mark.parametrize(
-    ("B", "qtype"), [(1, "Q8_0"), (3, "Q8_0"), (1, "Q4_K_M"), (3, "Q4_K_M"), (9, "Q8_0")]
+    ("B", "qtype"), [(1, "Q8_0"), (3, "Q8_0"), (1, "Q4_K_M"), (3, "Q4_K_M"), (17, "Q8_0")]
 )
 def test_decode_with_kernel_matches_xla(
     monkeypatch, cuda_branch, decode_steps, synth_model, stack_layers, B, qtype
