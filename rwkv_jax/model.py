@@ -36,7 +36,7 @@ DECODE_LAYER_UNROLL = 4
 # decode steps of at least this many rows whose per-head work takes the gpu_time_mix kernel
 # carry the WKV state stack through the layer scan and update it in place (see `layers`); fewer
 # rows (or 0: none) take it as the scan's per-layer outputs. H200, 2.9b Q4_K_M, `python -m
-# experiments.gpu_trace --cases tg:1:128 tg:4:64 tg:64:32 [--wkv-outputs]`, one machine: B = 64
+# experiments.gpu_trace --cases tg:1:128 tg:4:64 tg:64:32 [--wkv-min-rows 0]`, one machine: B = 64
 # 6681.1 -> 8207.2 tok/s (busy 310.0 -> 245.7 ms per call), B = 1 459.8 -> 459.2, B = 4 961.0 ->
 # 939.0 (busy 269.1 -> 267.3 ms but wall 266.4 -> 272.6 ms: not explained), so from 5 rows.
 WKV_IN_PLACE_MIN_ROWS = 5
@@ -138,7 +138,8 @@ def time_mix(
     at: LayerAt | None = None,
 ) -> tuple[Array, Array, Array, Array]:
     """Attention replacement of one layer up to its output matmul: returns (the output
-    matmul's input in the compute dtype, v_first, att_shift, wkv state)."""
+    matmul's input in the compute dtype, v_first, att_shift, wkv state — this layer's, or with
+    at.wkv_carried the whole updated stack)."""
     (xr, xk, xv), hidden, att_shift = att_inputs(blk, cfg, x, st.att_shift, span, at)
     rkv = [(blk.receptance, xr), (blk.key, xk), (blk.value, xv)]
     out, v_first, S = heads_step(blk, cfg, rkv, v_first, is_first, hidden, st.wkv, span, at)
