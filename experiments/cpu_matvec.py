@@ -4,15 +4,19 @@ Run:  python -m experiments.cpu_matvec [--reps 5] [--rows 1 16] [--no-sweep] [--
 
 Shapes are the 0.1b model's (C = 768, F = 3072, vocab 65536) with random packed bytes (finite
 scales): per layer four C x C matrices (r, k, v, o), C -> F and F -> C, all Q4_K, plus the
-Q6_K head. Each timing is one jitted call that multiplies by K *distinct* weights of the shape in
-a chain (each input depends on the previous output), so XLA cannot hoist a loop-invariant
-dequantization, dispatch is amortised as in the decode step, and weights come from memory
-rather than a hot cache, as they do per token (K x size >= 64 MB where memory allows). Best of
-`--reps`; GB/s counts the packed weight bytes read per matmul. `--dtype bfloat16` times the
-bfloat16 path (activations in bfloat16, weights rounded to bfloat16: vdpbf16ps with avx512_bf16).
+Q6_K head, and two of the four LoRA pairs (w1 / w2 float32, g1 / g2 float16 in the synthetic
+Q4_K_M file; a1 / a2 and v1 / v2, float16 with 64 and 32 hidden, are left out). Each timing is
+one jitted call that multiplies by K *distinct* weights of the shape in a chain (each input
+depends on the previous output), so XLA cannot hoist a loop-invariant dequantization, dispatch
+is amortised as in the decode step, and weights come from memory rather than a hot cache, as
+they do per token (K x size >= 64 MB where K <= 16 allows; the C x C and LoRA chains, 5 and
+3 MB, fit a 32 MB L3: optimistic). Best of `--reps`; GB/s counts the packed weight bytes read
+per matmul. `--dtype bfloat16` times the bfloat16 path (activations in bfloat16, weights
+rounded to bfloat16: vdpbf16ps with avx512_bf16).
 
-The per-token estimate sums 12 x (4 C x C + C->F + F->C) + head from the table; the sweep then
-measures exactly that sequence (73 distinct matrices, 89 MB) in one jit, at 1 activation row.
+The per-token estimate sums 12 x (4 C x C + C->F + F->C + the four LoRA matrices) + head from
+the table; the sweep then measures 12 x (4 C x C + C->F + F->C) + head (73 distinct matrices,
+89 MB) in one jit, at 1 activation row.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ SHAPES = [
     ("C -> F (ffn key)", quant.Q4_K, (F, C), LAYERS),
     ("F -> C (ffn value)", quant.Q4_K, (C, F), LAYERS),
     ("head", quant.Q6_K, (VOCAB, C), 1),
+    ("LoRA down w1", quant.F32, (64, C), LAYERS),
+    ("LoRA up w2", quant.F32, (C, 64), LAYERS),
+    ("LoRA down g1", quant.F16, (128, C), LAYERS),
+    ("LoRA up g2", quant.F16, (C, 128), LAYERS),
 ]
 # one layer in model order: r, k, v, o, ffn key, ffn value
 LAYER = [(quant.Q4_K, (C, C))] * 4 + [(quant.Q4_K, (F, C)), (quant.Q4_K, (C, F))]
@@ -40,7 +48,8 @@ CHAIN_BYTES = 64e6  # distinct weights per timed call: about this many bytes (2.
 
 
 def random_weight(cls: type[quant.Weight], shape: tuple[int, int], seed: int) -> quant.Weight:
-    """A packed weight of random bytes whose fp16 scale fields are finite, |v| in [1e-4, 1]."""
+    """A packed weight of random bytes whose fp16 fields are finite, |v| in [1e-4, 1] (float32
+    values: standard normal)."""
     rng = np.random.default_rng(seed)
     out, n_in = shape
     raw = rng.integers(0, 256, out * cls.row_bytes(n_in), dtype=np.uint8)
@@ -49,6 +58,8 @@ def random_weight(cls: type[quant.Weight], shape: tuple[int, int], seed: int) ->
         if cls.BLOCK[name] == np.float16:
             mag = 10.0 ** rng.uniform(-4, 0, rec.shape)
             rec[name] = (rng.choice([-1.0, 1.0], rec.shape) * mag).astype(np.float16)
+        elif cls.BLOCK[name] == np.float32:
+            rec[name] = rng.standard_normal(rec.shape).astype(np.float32)
     return cls.from_raw(raw, shape)
 
 
@@ -138,7 +149,10 @@ def main() -> None:
                 )
         del weights
 
-    print("\nEstimated matmul time per token, 12 x (4 CxC + C->F + F->C) + head, from the table:")
+    print(
+        "\nEstimated matmul time per token, 12 x (4 CxC + C->F + F->C + w1, w2, g1, g2) + head, "
+        "from the table:"
+    )
     for (name, m), s in sorted(per_token.items()):
         rate = m / s
         print(f"  {name:6s} M={m:<3d} {s * 1e3:8.2f} ms/step  ->  {rate:8.1f} tok/s (matmuls only)")

@@ -136,6 +136,25 @@ def test_odd_shapes(cls, out, rows):
 
 
 @native
+@pytest.mark.parametrize(
+    "cls, shape",
+    [
+        (quant.F32, (64, 768)),  # the 0.1b's LoRA downs and ups: two chunks of rows, one per
+        (quant.F32, (768, 64)),  # thread (for_rows, kChunkMacs)
+        (quant.F16, (32, 768)),  # 32 rows: two chunks of 16
+        (quant.F16, (768, 128)),  # four chunks
+        (quant.F16, (48, 768)),  # three chunks of 16 rows (the step rounds down to 16)
+    ],
+)
+def test_small_calls_split_between_threads(cls, shape):
+    """Calls from 2^16 multiply-adds take the pool in one or two chunks per thread: every row
+    is computed once (a row missed or written by the wrong chunk breaks the dot bound)."""
+    w, deq = _weight(cls, shape, seed=shape[0] + shape[1])
+    x = np.random.default_rng(shape[0]).standard_normal((1, shape[1])).astype(np.float32)
+    _assert_dot_close(_matmul(w, x), x, deq)
+
+
+@native
 @pytest.mark.parametrize("out, n_in", [(17, 512), (1000, 768)])
 def test_q4k_one_row_factored(out, n_in):
     """Q4_K at one activation row takes the factored kernel (AVX-512 builds): per sub-block j,
