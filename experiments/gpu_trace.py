@@ -28,7 +28,7 @@ import numpy as np
 from jax.profiler import ProfileData
 
 from experiments.engine_jax import JaxEngine
-from rwkv_jax import gpu_kernels, gpu_mix, gpu_time_mix, model, synth
+from rwkv_jax import gpu_dense, gpu_kernels, gpu_mix, gpu_time_mix, model, synth
 
 
 def kernel_events(xplane: str) -> list[tuple[str, int, int]]:
@@ -119,6 +119,11 @@ def main() -> None:
         action="store_true",
         help="keep the XLA path for the per-head decode work (gpu_time_mix.ENABLED = False)",
     )
+    p.add_argument(
+        "--no-dense",
+        action="store_true",
+        help="keep XLA's GEMMs for the batched LoRA matmuls (gpu_dense.ENABLED = False)",
+    )
     p.add_argument("--time-mix-warps", type=int, default=None, help="gpu_time_mix.NUM_WARPS")
     p.add_argument(
         "--no-mix",
@@ -140,13 +145,26 @@ def main() -> None:
     p.add_argument(
         "--up-rows", type=int, default=None, help="gpu_time_mix.MAX_UP_ROWS (LoRA ups in-kernel)"
     )
+    p.add_argument(
+        "--mma",
+        default=None,
+        metavar="TILE:SPLIT:PROGRAMS:WARPS:STAGES",
+        help="the tensor-core kernel's gpu_kernels.MMA_ROWS, MMA_SPLIT, MMA_PROGRAMS, MMA_WARPS, "
+        "MMA_STAGES (empty = keep one), e.g. 64::264::",
+    )
     a = p.parse_args()
+    if a.mma:
+        names = ("MMA_ROWS", "MMA_SPLIT", "MMA_PROGRAMS", "MMA_WARPS", "MMA_STAGES")
+        for name, v in zip(names, a.mma.split(":"), strict=True):
+            if v:
+                setattr(gpu_kernels, name, int(v))
     if a.up_rows is not None:
         gpu_time_mix.MAX_UP_ROWS = a.up_rows
     model.DECODE_LAYER_UNROLL = a.layer_unroll or model.DECODE_LAYER_UNROLL
     if a.wkv_min_rows is not None:
         model.WKV_IN_PLACE_MIN_ROWS = a.wkv_min_rows
     gpu_mix.ENABLED = gpu_mix.ENABLED and not a.no_mix
+    gpu_dense.ENABLED = gpu_dense.ENABLED and not a.no_dense
     if a.mix:
         gpu_mix.DOWN_ROWS, gpu_mix.NUM_WARPS = map(int, a.mix.split(":"))
     gpu_time_mix.NUM_WARPS = a.time_mix_warps or gpu_time_mix.NUM_WARPS

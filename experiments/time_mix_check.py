@@ -1,9 +1,10 @@
 """Decode with and without the time mix's decode kernels on a GPU (the per-head kernel,
 rwkv_jax/gpu_time_mix.py, and the prologues, rwkv_jax/gpu_mix.py; or the packed matmuls'
-kernels, rwkv_jax/gpu_kernels.py): how far apart the logits and WKV states are.
+kernels, rwkv_jax/gpu_kernels.py; or the batched LoRA matmuls', rwkv_jax/gpu_dense.py): how far
+apart the logits and WKV states are.
 
     python -m experiments.time_mix_check [--preset 2.9b] [--cases float32:1 float32:8 bfloat16:1]
-        [--kernels heads prologue matmuls]
+        [--kernels heads prologue matmuls dense]
 
 For each DTYPE:B case: `--steps` greedy-free decode steps of random tokens, once with the
 `--kernels` off (their ENABLED flags: the XLA path) and once on, in one process; prints
@@ -21,11 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 
 import rwkv_jax
-from rwkv_jax import gpu_kernels, gpu_mix, gpu_time_mix, synth
+from rwkv_jax import gpu_dense, gpu_kernels, gpu_mix, gpu_time_mix, synth
 from rwkv_jax.generate import decode_step
 
 # `matmuls`: the packed matmuls' Pallas kernels (off: XLA's fused matvec / dequantize-then-dot)
-KERNELS = {"heads": gpu_time_mix, "prologue": gpu_mix, "matmuls": gpu_kernels}
+# `dense`: the batched LoRA matmuls' kernel (5..64 rows of bf16/f16; off: XLA's GEMMs)
+KERNELS = {
+    "heads": gpu_time_mix,
+    "prologue": gpu_mix,
+    "matmuls": gpu_kernels,
+    "dense": gpu_dense,
+}
 
 
 def run(m, toks, on: bool, kernels):

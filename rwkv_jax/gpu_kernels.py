@@ -73,8 +73,18 @@ MMA_MAX_ROWS, MMA_ROWS = 64, 64
 BLOCK_ROWS = 32
 NUM_WARPS = 4
 SPLIT = 20
-# the tensor-core kernel (more rows) keeps split 10, what it was measured with (B = 4..64 steps)
+# the tensor-core kernel (more rows) splits its super-blocks into at most MMA_SPLIT parts; from
+# MMA_WIDE_M rows (padded) into the fewest parts giving at least MMA_PROGRAMS programs per launch
+# instead: each part's [out, M] float32 sums are written, read back and added by XLA, which
+# costs more the more rows. H200, 2.9b Q4_K_M, `python -m experiments.gpu_trace --cases tg:64:32
+# tg:32:32 tg:8:64 [--mma ::PROGRAMS::]`, one machine, tok/s: split 10 8892 / 5487 / -, at least
+# 528 programs 9084 / 5424, 792 9174 / 5562, 1056 9022 / 5682; on another, with gpu_dense: split
+# 10 9405 / 5907 / 1852, 792 9688 / 6042 / 1725 (B = 8, 16 rows: split 10 kept).
+# MMA_WARPS / MMA_STAGES: its warps per program and pipelining depth (8 warps or 3 stages: B =
+# 64 9027 -> 7840 / 8020 tok/s)
 MMA_SPLIT = 10
+MMA_WIDE_M, MMA_PROGRAMS = 32, 792
+MMA_WARPS, MMA_STAGES = 4, 2
 # matrices of at least WIDE_OUT rows (the head) take WIDE_ROWS rows per program: 92.5 us against
 # 106.2 us with 32 (Q6_K 65536 x 2560, same sweep)
 WIDE_OUT, WIDE_ROWS = 32768, 64
@@ -193,13 +203,17 @@ def matmul_group(
         arrays.append(xv)
     wide = WIDE_ROWS if out >= WIDE_OUT else None
     tile = _row_tile(out, block_rows or (MMA_ROWS if mma else wide))
-    parts = _parts(nb, split or (MMA_SPLIT if mma else SPLIT))
+    groups = len(weights)
+    if split or not mma:
+        parts = _parts(nb, split or SPLIT)
+    else:
+        parts = _mma_parts(nb, groups * out // tile, m)
     per_group = len(fmt.fields) + 1
     one = arrays[:per_group]  # one group's operands: the others match them
     shapes, dtypes = tuple(a.shape for a in one), tuple(a.dtype for a in one)
-    launch = (tile, parts, num_warps or NUM_WARPS, num_stages or NUM_STAGES)
+    warps, stages = (MMA_WARPS, MMA_STAGES) if mma else (NUM_WARPS, NUM_STAGES)
+    launch = (tile, parts, num_warps or warps, num_stages or stages)
     fact = FACTORED if factored is None else factored
-    groups = len(weights)
     call = _call(fmt, shapes, dtypes, m, out, nb, *launch, mma, fact, stacked, groups, interpret)
     if stacked:
         arrays.insert(0, jnp.asarray(layer, jnp.int32).reshape(1))
@@ -213,6 +227,16 @@ def matmul_group(
 def _parts(nb: int, split: int) -> int:
     """Programs per row tile along the super-blocks: the largest divisor of nb <= split."""
     return max(p for p in range(1, min(nb, split) + 1) if nb % p == 0)
+
+
+def _mma_parts(nb: int, tiles: int, m: int) -> int:
+    """The tensor-core kernel's parts for `tiles` row tiles of nb super-blocks and M rows: from
+    MMA_WIDE_M rows the fewest (a divisor of nb) giving MMA_PROGRAMS programs, else MMA_SPLIT."""
+    if not MMA_PROGRAMS or m < MMA_WIDE_M:
+        return _parts(nb, MMA_SPLIT)
+    return min(
+        p for p in range(1, nb + 1) if nb % p == 0 and (tiles * p >= MMA_PROGRAMS or p == nb)
+    )
 
 
 @functools.cache

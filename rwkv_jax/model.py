@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-from rwkv_jax import backends, gpu_mix, gpu_time_mix, quant, wkv
+from rwkv_jax import backends, gpu_dense, gpu_mix, gpu_time_mix, quant, wkv
 from rwkv_jax.gguf import ModelConfig
 from rwkv_jax.params import Block, Params
 from rwkv_jax.state import State
@@ -174,6 +174,25 @@ def _layer_index(at: LayerAt | None) -> Array:
     return jnp.zeros((), jnp.int32) if at is None else at.index
 
 
+def _dense_kernel(ws: tuple, B: int, T: int, dtype) -> bool:
+    """Whether one decode token of B rows multiplies by these dense matrices (one layer's LoRA
+    downs or ups) in one gpu_dense launch (on CUDA; Metal keeps the program it compiles)."""
+    layers = [w.layer if isinstance(w, quant.LayerOf) else w for w in ws]
+    return (
+        T == 1
+        and gpu_dense.supports(layers, B, dtype)
+        and backends.current_profile().matvec != "fused"
+    )
+
+
+def _dense_group(ws: tuple, at: LayerAt | None, xs: tuple, dtype) -> list[Array]:
+    """matmul() of each (w, x) of ws and xs, through one gpu_dense launch reading the matrices
+    in place from their stacks (`at`; unstacked: stacks of one)."""
+    stacks = [_stack_of(w) for w in ws]
+    ys = gpu_dense.matmul_group(stacks, [x.astype(dtype) for x in xs], _layer_index(at))
+    return [y.astype(jnp.float32) for y in ys]
+
+
 def _mix_kernel(x: Array, downs: tuple = ()) -> bool:
     """Whether one decode token's prologue of x [B, T, C] with these LoRA downs may take the
     gpu_mix kernel (on CUDA; Metal keeps the program it compiles)."""
@@ -228,23 +247,36 @@ def att_inputs(
     for all of it, the LoRA down-projections included."""
     dtype = span.dtype
 
-    def xla(x, prev):
+    downs = (blk.w1, blk.a1, blk.v1, blk.g1)  # from xw, xa, xv, xg (mixes 1, 4, 3, 5)
+
+    def xla(x, prev, grouped=False):
         u = layer_norm(x, blk.ln1_w, blk.ln1_b, cfg.layer_norm_eps)  # [B, T, C]
         d, shift = token_shift(u, prev, span.lengths)
         xr, xw, xk, xv, xa, xg = (u + d * lead(blk.x_rwkvag[i], 3) for i in range(6))
-        # LoRA hiddens (BlinkDL's row-vector notation: x·down, then ·up inside heads())
+        # LoRA hiddens (BlinkDL's row-vector notation: x·down, then ·up inside heads()); the
+        # four downs in one launch where gpu_dense takes them (`grouped`, the CUDA branch)
+        ins = (xw, xa, xv, xg)
+        if grouped:
+            zw, za, zv, zg = _dense_group(downs, at, ins, dtype)
+        else:
+            zw, za, zv, zg = (matmul(w, xi, dtype) for w, xi in zip(downs, ins, strict=True))
         hidden = (
-            jnp.tanh(matmul(blk.w1, xw, dtype)),  # decay
-            matmul(blk.a1, xa, dtype),  # in-context learning rate
-            matmul(blk.v1, xv, dtype),  # value residual
-            jax.nn.sigmoid(matmul(blk.g1, xg, dtype)),  # output gate
+            jnp.tanh(zw),  # decay
+            za,  # in-context learning rate
+            zv,  # value residual
+            jax.nn.sigmoid(zg),  # output gate
         )
         # the hiddens only ever enter the up matmuls, which take them in the compute dtype
         hidden = tuple(h.astype(dtype) for h in hidden)
         return (xr.astype(dtype), xk.astype(dtype), xv.astype(dtype)), hidden, shift
 
-    downs = (blk.w1, blk.a1, blk.v1, blk.g1)  # from xw, xa, xv, xg (mixes 1, 4, 3, 5)
     if not _mix_kernel(x, downs):
+        if _dense_kernel(downs, x.shape[0], x.shape[1], dtype):
+
+            def grouped(x, prev):
+                return xla(x, prev, grouped=True)
+
+            return lax.platform_dependent(x, prev, cuda=grouped, default=xla)
         return xla(x, prev)
     acts = ("tanh", None, None, "sigmoid")  # as in xla() above
 
@@ -362,9 +394,14 @@ def heads_step(
     first = bool(is_first) if at is None else None  # stacked: the kernel asks layer == 0
 
     projected = B > gpu_time_mix.MAX_UP_ROWS
+    grouped_ups = projected and _dense_kernel(ups, B, T, dtype)
 
     def kernel(xr, xk, xv, v_first, S, *hidden):
-        if projected:  # the LoRA ups as the XLA path computes them: the kernel takes products
+        # the LoRA ups as the XLA path computes them (in one gpu_dense launch where it applies):
+        # the kernel takes their products
+        if grouped_ups:
+            hidden = tuple(_dense_group(ups, at, hidden, dtype))
+        elif projected:
             hidden = tuple(matmul(w, h, dtype) for w, h in zip(ups, hidden, strict=True))
         pairs = list(zip(ws, (xr.astype(dtype), xk.astype(dtype), xv.astype(dtype)), strict=True))
         # one row: the grouped kernel's partial sums [3, P, C, 1] as they are ([3, P, 1, C]:

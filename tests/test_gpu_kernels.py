@@ -61,11 +61,12 @@ def test_matvec_matches_float64(cls, rows, split, tile, factored, x_dtype):
 
 
 @pytest.mark.parametrize("cls", KERNEL_FORMATS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize(("rows", "split"), [(5, 1), (16, 5), (64, 2)])
+@pytest.mark.parametrize(("rows", "split"), [(5, 1), (16, 5), (64, 2), (40, None)])
 def test_mma_matches_rounded_weights(cls, rows, split):
     """Tensor-core path (bf16 x, > MAX_ROWS rows): the XLA path's numbers — weights rounded to
-    bf16, float32 accumulation — against float64 on the same rounded values."""
-    rng = np.random.default_rng(800 + rows + split + int(cls.GGML_TYPE))
+    bf16, float32 accumulation — against float64 on the same rounded values. split None: the
+    launch's own choice of parts (_mma_parts at 64 padded rows)."""
+    rng = np.random.default_rng(800 + rows + (split or 0) + int(cls.GGML_TYPE))
     shape = (64, 1280)
     raw = _random_raw(cls, shape, rng)
     deq = _reference(cls, raw, shape)
@@ -85,6 +86,21 @@ def test_mma_matches_rounded_weights(cls, rows, split):
     # and typically far tighter: a layout slip would be O(1), a rounding slip rare
     rel = np.abs(got - want) / (np.abs(xd) @ np.abs(w_b).T)
     assert np.median(rel) < 1e-5
+
+
+def test_mma_parts():
+    """Split-K parts of the tensor-core kernel at the 2.9b's decode matrices: from MMA_WIDE_M
+    rows the fewest giving MMA_PROGRAMS programs (or all super-blocks), below it MMA_SPLIT."""
+    P = gpu_kernels.MMA_PROGRAMS
+    # (super-blocks per row, row tiles of 64): r/k/v grouped, output, FFN key, FFN value, head
+    for nb, tiles in [(10, 120), (10, 40), (10, 160), (40, 40), (10, 1024)]:
+        wide = gpu_kernels._mma_parts(nb, tiles, 64)
+        assert nb % wide == 0 and (tiles * wide >= P or wide == nb)
+        assert wide == 1 or tiles * (max(p for p in range(1, wide) if nb % p == 0)) < P
+        assert gpu_kernels._mma_parts(nb, tiles, 16) == gpu_kernels._parts(
+            nb, gpu_kernels.MMA_SPLIT
+        )
+    assert gpu_kernels._mma_parts(10, 1024, 64) == 1  # the head: programs enough without a split
 
 
 @pytest.mark.parametrize("cls", KERNEL_FORMATS, ids=lambda c: c.__name__)
