@@ -66,12 +66,7 @@ _ACTS = {None: lambda y: y, "tanh": jnp.tanh, "sigmoid": lambda y: 1.0 / (1.0 + 
 def chunk(c: int) -> int | None:
     """The chunk a row of c values is read in: the largest power of two <= CHUNK dividing c
     (>= 16), or None."""
-    t = CHUNK
-    while t >= 16:
-        if c % t == 0:
-            return t
-        t //= 2
-    return None
+    return gpu_kernels._row_tile(c, CHUNK)
 
 
 def _pow2_divisor(d: int, at_most: int) -> int:
