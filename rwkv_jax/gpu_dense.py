@@ -26,6 +26,7 @@ kernels per B = 64 call. The launch shape (TILE, KC, warps, stages) was not swep
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Sequence
 
@@ -47,7 +48,6 @@ TILE = 32
 KC = 256
 NUM_WARPS, NUM_STAGES = 4, 1
 ENABLED = os.environ.get("RWKV_JAX_PALLAS", "1") != "0"
-_DENSE = ("F32", "F16", "BF16")
 
 
 def _tile(out: int) -> int | None:
@@ -70,7 +70,7 @@ def supports(weights: Sequence, rows: int, dtype) -> bool:
         and MIN_ROWS <= rows <= MAX_ROWS
         and gpu_kernels._tensor_cores(jnp.dtype(dtype))
         and all(
-            type(w).__name__ in _DENSE
+            type(w).__name__ in gpu_kernels.DENSE
             and w.w.ndim == 2
             and _tile(w.shape[0]) is not None
             and all(
@@ -88,9 +88,7 @@ def matmul_group(
     [..., in_g] of one dtype, in one launch. Each -> [..., out_g] in x's dtype (module docstring).
     """
     lead = xs[0].shape[:-1]
-    rows = 1
-    for n in lead:
-        rows *= n
+    rows = math.prod(lead)
     m = max(16, gpu_kernels._pow2_at_least(rows))
     dtype = xs[0].dtype
     flat = []

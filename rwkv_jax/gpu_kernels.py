@@ -96,6 +96,8 @@ NUM_STAGES = 2  # Triton software pipelining of the super-block loop
 FACTORED = True
 # RWKV_JAX_PALLAS=0 keeps the XLA fused matvec on GPUs (for comparisons and bisecting)
 ENABLED = os.environ.get("RWKV_JAX_PALLAS", "1") != "0"
+# the dense formats (quant class names) the LoRA kernels (gpu_mix, gpu_time_mix, gpu_dense) read
+DENSE = ("F32", "F16", "BF16")
 
 
 def _pow2_at_least(m: int) -> int:

@@ -59,7 +59,6 @@ DOWN_ROWS = 4
 NUM_WARPS = 4
 # RWKV_JAX_PALLAS=0 keeps the XLA path on GPUs (as for gpu_kernels)
 ENABLED = os.environ.get("RWKV_JAX_PALLAS", "1") != "0"
-_DENSE = ("F32", "F16", "BF16")
 _ACTS = {None: lambda y: y, "tanh": jnp.tanh, "sigmoid": lambda y: 1.0 / (1.0 + jnp.exp(-y))}
 
 
@@ -92,7 +91,7 @@ def supports(rows: int, tokens: int, n_embd: int, downs: Sequence = ()) -> bool:
         and tokens == 1
         and 1 <= rows <= MAX_ROWS
         and chunk(n_embd) is not None
-        and all(type(w).__name__ in _DENSE and w.w.ndim == 2 for w in downs)
+        and all(type(w).__name__ in gpu_kernels.DENSE and w.w.ndim == 2 for w in downs)
     )
 
 

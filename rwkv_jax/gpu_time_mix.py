@@ -73,7 +73,6 @@ MAX_UP_ROWS = 16
 NUM_WARPS = 8
 # RWKV_JAX_PALLAS=0 keeps the XLA path on GPUs (as for gpu_kernels)
 ENABLED = os.environ.get("RWKV_JAX_PALLAS", "1") != "0"
-_DENSE = ("F32", "F16", "BF16")
 
 
 def pieces(d: int) -> tuple[tuple[int, int], ...]:
@@ -104,7 +103,7 @@ def supports(rows: int, tokens: int, head_size: int, ups: Sequence, stacked: boo
         and 1 <= rows <= MAX_ROWS
         and head_size >= 16
         and head_size & (head_size - 1) == 0
-        and all(type(w).__name__ in _DENSE and w.w.ndim == 2 + stacked for w in ups)
+        and all(type(w).__name__ in gpu_kernels.DENSE and w.w.ndim == 2 + stacked for w in ups)
     )
 
 
