@@ -30,6 +30,8 @@ from jax.profiler import ProfileData
 from experiments.engine_jax import JaxEngine
 from rwkv_jax import gpu_dense, gpu_kernels, gpu_mix, gpu_time_mix, model, synth
 
+_MMA_NAMES = ("MMA_ROWS", "MMA_SPLIT", "MMA_PROGRAMS", "MMA_WARPS", "MMA_STAGES")
+
 
 def kernel_events(xplane: str) -> list[tuple[str, int, int]]:
     """(name, start_ns, duration_ns) of every event on the device planes' stream lines."""
@@ -91,6 +93,44 @@ def profile(run, tokens: int, top: int, events_out: str | None = None) -> dict:
     }
 
 
+def run_case(eng: JaxEngine, case: str, rng, label: str, a) -> None:
+    """Time one case (`tg:B:N` or `pp:T`), trace it once more and print (and append) its record."""
+    kind, *nums = case.split(":")
+    if kind == "tg":
+        B, n = map(int, nums)
+        first = rng.integers(1, eng.vocab_size, B).tolist()
+        run, tokens = functools.partial(eng.tg, first, n), B * n
+    else:
+        T = int(nums[0])
+        toks = rng.integers(1, eng.vocab_size, T).tolist()
+        run, tokens = functools.partial(eng.pp, toks), T
+    t0 = time.perf_counter()
+    run()  # compile + warm-up
+    first_s = time.perf_counter() - t0
+    secs = sorted(run() for _ in range(a.reps))
+    rec = {
+        "case": case,
+        "label": label,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "first_call_s": first_s,
+        "median_s": secs[len(secs) // 2],
+        "tok_s": tokens / secs[len(secs) // 2],
+    }
+    ev_out = f"{a.events}.{case.replace(':', '_')}.json" if a.events else None
+    rec.update(profile(run, tokens, a.top, ev_out))
+    print(
+        f"\n== {case} [{label}] {rec['tok_s']:.1f} tok/s, median {1e3 * rec['median_s']:.2f}"
+        f" ms (first call {first_s:.1f} s); traced {rec['traced_wall_ms']:.2f} ms, busy "
+        f"{rec['busy_ms']:.2f} ms, {rec['kernels']} kernels ({rec['kernels_per_token']:.1f}"
+        f"/token, mean {rec['mean_kernel_us']:.2f} us)"
+    )
+    for name, cnt, ms in rec["top"]:
+        print(f"   {ms:9.3f} ms {cnt:7d}x  {name[:90]}")
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="2.9b")
@@ -126,6 +166,12 @@ def main() -> None:
     )
     p.add_argument("--time-mix-warps", type=int, default=None, help="gpu_time_mix.NUM_WARPS")
     p.add_argument(
+        "--time-mix-wide",
+        default=None,
+        metavar="ROWS:WARPS",
+        help="gpu_time_mix.WIDE_ROWS and WIDE_WARPS (warps per program from that many rows)",
+    )
+    p.add_argument(
         "--no-mix",
         action="store_true",
         help="keep the XLA path for the decode prologues (gpu_mix.ENABLED = False)",
@@ -147,17 +193,14 @@ def main() -> None:
     )
     p.add_argument(
         "--mma",
-        default=None,
+        nargs="+",
+        default=[""],
         metavar="TILE:SPLIT:PROGRAMS:WARPS:STAGES",
         help="the tensor-core kernel's gpu_kernels.MMA_ROWS, MMA_SPLIT, MMA_PROGRAMS, MMA_WARPS, "
-        "MMA_STAGES (empty = keep one), e.g. 64::264::",
+        "MMA_STAGES (empty = keep one), e.g. 64::264::; several: each runs every case in turn, "
+        "in one process (one model load; compiled programs dropped between them)",
     )
     a = p.parse_args()
-    if a.mma:
-        names = ("MMA_ROWS", "MMA_SPLIT", "MMA_PROGRAMS", "MMA_WARPS", "MMA_STAGES")
-        for name, v in zip(names, a.mma.split(":"), strict=True):
-            if v:
-                setattr(gpu_kernels, name, int(v))
     if a.up_rows is not None:
         gpu_time_mix.MAX_UP_ROWS = a.up_rows
     model.DECODE_LAYER_UNROLL = a.layer_unroll or model.DECODE_LAYER_UNROLL
@@ -168,6 +211,8 @@ def main() -> None:
     if a.mix:
         gpu_mix.DOWN_ROWS, gpu_mix.NUM_WARPS = map(int, a.mix.split(":"))
     gpu_time_mix.NUM_WARPS = a.time_mix_warps or gpu_time_mix.NUM_WARPS
+    if a.time_mix_wide:
+        gpu_time_mix.WIDE_ROWS, gpu_time_mix.WIDE_WARPS = map(int, a.time_mix_wide.split(":"))
     gpu_time_mix.ENABLED = gpu_time_mix.ENABLED and not a.no_time_mix
     gpu_kernels.FACTORED = gpu_kernels.FACTORED or a.factored
     if a.pallas:  # tuning only: the constants are module globals read at trace time
@@ -187,49 +232,22 @@ def main() -> None:
     for _ in range(a.loads):  # as the seed protocol does (load runs)
         eng.load_once()
     rng = np.random.default_rng(0)
-    label = a.label or ("unrolled" if a.unrolled else "stacked")
+    base_label = a.label or ("unrolled" if a.unrolled else "stacked")
     print(
         jax.devices()[0].device_kind,
         "jax",
         jax.__version__,
-        label,
+        base_label,
         "XLA_FLAGS=" + os.environ.get("XLA_FLAGS", ""),
     )
-    for case in a.cases:
-        kind, *nums = case.split(":")
-        if kind == "tg":
-            B, n = map(int, nums)
-            first = rng.integers(1, eng.vocab_size, B).tolist()
-            run, tokens = functools.partial(eng.tg, first, n), B * n
-        else:
-            T = int(nums[0])
-            toks = rng.integers(1, eng.vocab_size, T).tolist()
-            run, tokens = functools.partial(eng.pp, toks), T
-        t0 = time.perf_counter()
-        run()  # compile + warm-up
-        first_s = time.perf_counter() - t0
-        secs = sorted(run() for _ in range(a.reps))
-        rec = {
-            "case": case,
-            "label": label,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "first_call_s": first_s,
-            "median_s": secs[len(secs) // 2],
-            "tok_s": tokens / secs[len(secs) // 2],
-        }
-        ev_out = f"{a.events}.{case.replace(':', '_')}.json" if a.events else None
-        rec.update(profile(run, tokens, a.top, ev_out))
-        print(
-            f"\n== {case} [{label}] {rec['tok_s']:.1f} tok/s, median {1e3 * rec['median_s']:.2f}"
-            f" ms (first call {first_s:.1f} s); traced {rec['traced_wall_ms']:.2f} ms, busy "
-            f"{rec['busy_ms']:.2f} ms, {rec['kernels']} kernels ({rec['kernels_per_token']:.1f}"
-            f"/token, mean {rec['mean_kernel_us']:.2f} us)"
-        )
-        for name, cnt, ms in rec["top"]:
-            print(f"   {ms:9.3f} ms {cnt:7d}x  {name[:90]}")
-        if a.out:
-            with open(a.out, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+    defaults = {name: getattr(gpu_kernels, name) for name in _MMA_NAMES}
+    for variant in a.mma:
+        for name, v in zip(_MMA_NAMES, variant.split(":") if variant else [""] * 5, strict=True):
+            setattr(gpu_kernels, name, int(v) if v else defaults[name])
+        jax.clear_caches()  # the constants are read at trace time: trace again
+        label = base_label + (f" mma={variant}" if variant else "")
+        for case in a.cases:
+            run_case(eng, case, rng, label, a)
 
 
 if __name__ == "__main__":

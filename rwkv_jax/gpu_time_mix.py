@@ -71,6 +71,11 @@ MAX_UP_ROWS = 16
 # H200, 2.9b, generation loop (experiments/gpu_trace --time-mix-warps): 8 warps 6.1 us per call
 # at B = 1 (334.2 tok/s), 4 warps 7.0 us (328.7 tok/s)
 NUM_WARPS = 8
+# from WIDE_ROWS rows (B x H programs, each moving its head's 16 KB of state in and out) fewer
+# warps per program keep more of them in flight: H200, `gpu_trace --cases tg:64:32 tg:16:32
+# --time-mix-warps W`, per call at B = 64 / 16: 8 warps 33.1 / 19.6 us, 4 32.1 / 24.1, 2 30.0 /
+# 49.0, 16 47.5 / 20.9 (B = 64 9935 -> 10127 tok/s with 2)
+WIDE_ROWS, WIDE_WARPS = 64, 2
 # RWKV_JAX_PALLAS=0 keeps the XLA path on GPUs (as for gpu_kernels)
 ENABLED = os.environ.get("RWKV_JAX_PALLAS", "1") != "0"
 
@@ -276,7 +281,9 @@ def _call(shapes, first, dtype, round_weights, eps, decay_scale, l2_eps, in_plac
         in_specs=[whole(s) for s in shapes],
         out_specs=(row_head, row_head, state_spec),
         input_output_aliases={len(shapes) - 1: 2} if in_place else {},
-        compiler_params=gpu_kernels.compiler_params(NUM_WARPS, 1, interpret),
+        compiler_params=gpu_kernels.compiler_params(
+            WIDE_WARPS if B >= WIDE_ROWS else NUM_WARPS, 1, interpret
+        ),
         interpret=interpret,
         name="rwkv_jax_time_mix_heads",
     )

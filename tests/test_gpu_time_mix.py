@@ -124,11 +124,12 @@ def test_pieces_cover_the_rank():
         assert [s for s, _ in got] == list(np.cumsum([0] + [w for _, w in got])[:-1])
 
 
-@pytest.mark.parametrize(("B", "in_place"), [(1, False), (8, False), (8, True)])
+@pytest.mark.parametrize(("B", "in_place"), [(1, False), (8, False), (8, True), (64, True)])
 def test_lowers_to_triton_for_cuda(B, in_place):
     """The kernel passes Pallas' Triton lowering for CUDA at the 2.9b model's sizes (C = 2560,
     ranks 96/96/64/320, head size 64), reading the stacks whole; in place, its state output is
-    the state input's buffer (an aliased operand) and the whole stack."""
+    the state input's buffer (an aliased operand) and the whole stack; from WIDE_ROWS rows it
+    launches WIDE_WARPS warps per program, NUM_WARPS below."""
     C_, L_, H_, ranks = 2560, 4, 40, (96, 96, 64, 320)
     f32 = jnp.float32
     args = (
@@ -161,6 +162,9 @@ def test_lowers_to_triton_for_cuda(B, in_place):
     assert "dynamic_slice" not in text
     assert ("output_operand_aliases" in call[0]) == in_place
     assert call[0].split("->")[-1].count(stack) == in_place  # results: the stack when in place
+    wide = B >= gpu_time_mix.WIDE_ROWS
+    warps = gpu_time_mix.WIDE_WARPS if wide else gpu_time_mix.NUM_WARPS
+    assert f"num_warps = {warps} : i32" in call[0]
 
 
 @pytest.mark.parametrize("stack_layers", [True, False], ids=["stacked", "unrolled"])
