@@ -23,7 +23,7 @@ from rwkv_jax.errors import ConfigError
 PLATFORMS = ("auto", "cpu", "cuda", "metal")
 MODES = ("packed", "dense")
 DTYPES = ("float32", "bfloat16", "float16")
-WKV_IMPLS = ("chunked", "sequential")
+WKV_IMPLS = ("chunked", "sequential", "auto")  # auto: generate.default_wkv
 # names of rwkv_jax.synth.PRESETS / TYPES, repeated here so a config is checked before any model
 # code runs; tests/test_bench.py asserts they stay equal
 PRESETS = ("tiny", "0.1b", "0.4b", "1.5b", "2.9b", "7.2b")

@@ -34,7 +34,7 @@ def _tokens(n: int, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("T", [1, 2, 15, 16, 17, 63, 130, 1000])
 def test_chunked_equals_sequential(synth_model, chunk, T):
     path = synth_model("tiny", "F32")
-    fast = _model(path, chunk_size=chunk, chunks_per_call=4)
+    fast = _model(path, chunk_size=chunk, chunks_per_call=4, wkv_impl="chunked")
     ref = _model(path, chunk_size=16, chunks_per_call=16, wkv_impl="sequential")
     toks = _tokens(T)
     a, sa = fast.forward(toks, all_logits=True)
@@ -49,7 +49,7 @@ def test_chunked_equals_sequential(synth_model, chunk, T):
 def test_multi_chunk_steps_equal_sequential(synth_model, T):
     """The GPU layout (several chunks per scan step, padding inside a step) on the CPU."""
     path = synth_model("tiny", "F32")
-    fast = _model(path, chunk_size=16, chunks_per_step=4, chunks_per_call=8)
+    fast = _model(path, chunk_size=16, chunks_per_step=4, chunks_per_call=8, wkv_impl="chunked")
     ref = _model(path, chunk_size=16, chunks_per_call=16, wkv_impl="sequential")
     toks = _tokens(T, seed=5)
     a, sa = fast.forward(toks, all_logits=True)
@@ -84,12 +84,15 @@ def test_split_invariance(synth_model, split):
         assert float(jnp.abs(x - y).max()) <= TOL
 
 
+@pytest.mark.parametrize("impl", ["sequential", "chunked"])
 @pytest.mark.parametrize("T", [7, 300])
 @pytest.mark.parametrize("tail", [1, 2])
-def test_tail_steps_equal_padded_step(synth_model, T, tail):
+def test_tail_steps_equal_padded_step(synth_model, T, tail, impl):
     """A tail in shorter steps (one chunk: the CPU default; several: GPUs) = the same tokens in
-    one padded long step."""
-    model = rwkv_jax.load(synth_model("tiny", "Q4_K_M"), chunks_per_step=8, chunks_per_call=16)
+    one padded long step, with either WKV kernel (the CPU's default and the GPUs')."""
+    model = rwkv_jax.load(
+        synth_model("tiny", "Q4_K_M"), chunks_per_step=8, chunks_per_call=16, wkv_impl=impl
+    )
     assert model.tail_chunks == 1  # the CPU default
     toks = np.stack([_tokens(T), _tokens(T, 5)])
     lens = [T, max(1, T - 5)]
@@ -102,6 +105,18 @@ def test_tail_steps_equal_padded_step(synth_model, T, tail):
     assert float(jnp.abs(got - want).max()) <= TOL
     for x, y in zip(jax.tree.leaves(s_got), jax.tree.leaves(s_want), strict=True):
         assert float(jnp.abs(x - y).max()) <= TOL
+
+
+def test_auto_wkv_is_the_backends(synth_model):
+    """wkv_impl="auto" (the default): the token recurrence on the CPU, the chunked form on
+    accelerators; a name outside the list says which names there are."""
+    assert generate.default_wkv("cpu") == "sequential"
+    assert generate.default_wkv("gpu") == generate.default_wkv("METAL") == "chunked"
+    path = synth_model("tiny", "F32")
+    assert rwkv_jax.load(path).wkv_impl == generate.default_wkv()
+    assert rwkv_jax.load(path, wkv_impl="chunked").wkv_impl == "chunked"
+    with pytest.raises(rwkv_jax.InputError, match=r"'fast' is not one of .*'auto'"):
+        rwkv_jax.load(path, wkv_impl="fast")
 
 
 def test_large_batches_take_shorter_steps(synth_model, monkeypatch):
