@@ -235,11 +235,20 @@ class _Blocked(Weight):
         fused reduction (measured 4x slower than its dot here), so the CPU keeps the dot. On
         NVIDIA GPUs decode (1..64 rows) of Q4_K/Q6_K takes the Pallas kernels. `of`:
         this weight is layer `of.index` of the stack `of.stack`, which the kernels read in place.
+
+        Up to MATVEC_MAX_ROWS rows every backend multiplies the float32 weight values, whatever
+        x's dtype (x widened exactly, float32 sums, the result rounded to x's dtype): what
+        `matvec_fused` computes. More rows: the weights rounded to x's dtype for the dot.
         """
-        if _cpu_native(self):  # native kernels beat XLA at every row count
-            return super().matmul(x, of)
         rows = math.prod(x.shape[:-1])
         fused = rows <= MATVEC_MAX_ROWS
+        if _cpu_native(self):  # native kernels beat XLA at every row count
+            if fused and x.dtype != jnp.float32:
+                # the float32 kernels: the bfloat16 ones round every weight first (2-core CPU,
+                # 0.1b Q4_K_M bfloat16 engine, tg128 in 15 interleaved rounds with llama.cpp,
+                # experiments/paired.py: 131.6 -> 145.2 tok/s, 0.93x -> 1.03x)
+                return super().matmul(x.astype(jnp.float32), of).astype(x.dtype)
+            return super().matmul(x, of)
         if fused and backends.current_profile().matvec == "fused":  # what Metal runs
             return self.matvec_fused(x)
         dot = super()._matmul_xla
@@ -247,6 +256,8 @@ class _Blocked(Weight):
         # hashable (its bound methods neither)
         branches = dict(cpu=lambda x: dot(x), default=lambda x: dot(x))
         if fused:
+            # XLA:CPU's dot on float32 values (its fused reduction is 4x slower)
+            branches["cpu"] = lambda x: dot(x.astype(jnp.float32)).astype(x.dtype)
             branches["default"] = lambda x: self.matvec_fused(x)
         if gpu_kernels.supports(self, rows, x.dtype):
             # NVIDIA: Pallas kernels that unpack each packed byte once (rwkv_jax/gpu_kernels.py)

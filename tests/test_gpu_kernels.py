@@ -10,22 +10,9 @@ import pytest
 from jax import export
 
 from rwkv_jax import gpu_kernels, quant
-from tests.test_quant import _random_raw, _reference
+from tests.test_quant import _bound_matrix, _random_raw, _reference
 
 KERNEL_FORMATS = [quant.Q4_K, quant.Q6_K]
-
-
-def _bound_matrix(cls, raw: np.ndarray, shape) -> np.ndarray:
-    """|terms| per weight element: |d*sc*q| + |dmin*mn| (Q4_K), |d*sc*(q-32)| (Q6_K)."""
-    if cls is quant.Q6_K:
-        return np.abs(_reference(cls, raw, shape)).astype(np.float64)
-    # Q4_K value = d*sc*q - dmin*mn: with |d| and -|dmin| gguf's dequantization gives the sum
-    # of both terms' magnitudes
-    mag = raw.copy()
-    rec = mag.view(cls.BLOCK)
-    rec["d"] = np.abs(rec["d"])
-    rec["dmin"] = -np.abs(rec["dmin"])
-    return _reference(cls, mag, shape).astype(np.float64)
 
 
 @pytest.mark.parametrize("cls", KERNEL_FORMATS, ids=lambda c: c.__name__)

@@ -77,6 +77,20 @@ _rows = eqx.filter_jit(lambda w, idx: w.rows(idx))
 _matmul = eqx.filter_jit(lambda w, x: w.matmul(x))
 
 
+def _bound_matrix(cls, raw: np.ndarray, shape) -> np.ndarray:
+    """|terms| per weight element: |d*sc*q| + |dmin*mn| (Q4_K), |d*sc*(q-32)| (Q6_K) — what a
+    kernel with the scales factored out of each sub-block's sum rounds against."""
+    if cls is quant.Q6_K:
+        return np.abs(_reference(cls, raw, shape)).astype(np.float64)
+    # Q4_K value = d*sc*q - dmin*mn: with |d| and -|dmin| gguf's dequantization gives the sum
+    # of both terms' magnitudes
+    mag = raw.copy()
+    rec = mag.view(cls.BLOCK)
+    rec["d"] = np.abs(rec["d"])
+    rec["dmin"] = -np.abs(rec["dmin"])
+    return _reference(cls, mag, shape).astype(np.float64)
+
+
 def _assert_exact(got, want) -> None:
     """Bit-exact float32 equality (NaN == NaN, since random dense bytes hold NaNs)."""
     got = np.asarray(got)
@@ -161,23 +175,57 @@ def test_dense_decode_matmul_on_cuda_is_a_reduction(rows, monkeypatch):
     assert ("dot_general" in text) != fused and ("stablehlo.reduce" in text) == fused
 
 
-def test_matmul_bf16_input_keeps_dtype():
-    """bf16 x gives a bf16 result of x @ W^T, with W rounded to bf16 and f32 accumulation."""
+@pytest.mark.parametrize("rows", [4, 5])
+def test_matmul_bf16_input_keeps_dtype(rows):
+    """bf16 x gives a bf16 result of x @ W^T with f32 accumulation; above MATVEC_MAX_ROWS with
+    W rounded to bf16 (the dot's operand), up to it with W's float32 values (every backend's
+    decode: matvec_fused, the CUDA kernels, the CPU's float32 kernels)."""
     rng = np.random.default_rng(7)
     shape = (5, 256)
     raw = _random_raw(quant.Q4_K, shape, rng)
     deq = _reference(quant.Q4_K, raw, shape).astype(np.float64)
-    x = rng.standard_normal((4, 256)).astype(ml_dtypes.bfloat16)
+    x = rng.standard_normal((rows, 256)).astype(ml_dtypes.bfloat16)
     got = _matmul(quant.Q4_K.from_raw(raw, shape), jnp.asarray(x))
-    assert got.dtype == jnp.bfloat16 and got.shape == (4, 5)
+    assert got.dtype == jnp.bfloat16 and got.shape == (rows, 5)
     want = x.astype(np.float64) @ deq.T
-    # W is rounded to bf16 (rel. err <= 2^-9 per element), products/sums are f32 (gamma_n with
-    # u = 2^-24), and the result is rounded to bf16 (<= 2^-9 |y|, plus the W error it carries).
-    n, ub = shape[1], 2.0**-9
-    bound = (ub + n * 2.0**-24 * 1.01) * (np.abs(x.astype(np.float64)) @ np.abs(deq).T) * (
+    # W rounded to bf16 (rel. err <= 2^-8, bf16's unit roundoff with its 8-bit significand;
+    # none up to MATVEC_MAX_ROWS), products and sums in f32 (gamma_n with u = 2^-24), the
+    # result rounded to bf16 (<= 2^-8 |y|, plus the W error it carries). (This bound said 2^-9
+    # before; the W term's slack hid it, and the float32 weights of few rows showed it.)
+    # Up to MATVEC_MAX_ROWS the CPU's kernel factors each sub-block's scales out of its sum:
+    # its float32 roundings are relative to the terms |d*sc*q| + |dmin*mn| (_bound_matrix).
+    n, ub = shape[1], 2.0**-8
+    few = rows <= quant.MATVEC_MAX_ROWS
+    uw, mag = (0.0, _bound_matrix(quant.Q4_K, raw, shape)) if few else (ub, np.abs(deq))
+    bound = (uw + n * 2.0**-24 * 1.01) * (np.abs(x.astype(np.float64)) @ mag.T) * (
         1 + ub
     ) + ub * np.abs(want)
     assert np.all(np.abs(np.asarray(got, np.float64) - want) <= bound)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5])
+def test_few_bf16_rows_multiply_float32_weights_on_the_cpu(rows, monkeypatch):
+    """CPU: up to MATVEC_MAX_ROWS bf16 rows take the float32 native kernel (x widened), more
+    the bfloat16 one; without native kernels XLA's dot runs on float32 values, bit for bit
+    what the widened product gives."""
+    from rwkv_jax import cpu_kernels
+
+    rng = np.random.default_rng(70 + rows)
+    shape = (64, 512)
+    w = quant.Q4_K.from_raw(_random_raw(quant.Q4_K, shape, rng), shape)
+    x = jnp.asarray(rng.standard_normal((rows, shape[1])), jnp.bfloat16)
+    few = rows <= quant.MATVEC_MAX_ROWS
+    f = jax.jit(lambda w, x: w.matmul(x))
+    if cpu_kernels.available():
+        text = f.lower(w, x).as_text()
+        assert ("rwkv_jax_qmatvec_Q4_K" in text) == few
+        assert ("rwkv_jax_qmatvec_bf16_Q4_K" in text) != few
+    monkeypatch.setattr(quant, "_cpu_native", lambda w: False)
+    got = np.asarray(jax.jit(lambda w, x: w.matmul(x))(w, x), np.float32)
+    wide = jax.jit(lambda w, x: w._matmul_xla(x.astype(jnp.float32)).astype(x.dtype))(w, x)
+    rounded = jax.jit(lambda w, x: w._matmul_xla(x))(w, x)
+    assert np.array_equal(got, np.asarray(wide if few else rounded, np.float32))
+    assert not np.array_equal(np.asarray(wide, np.float32), np.asarray(rounded, np.float32))
 
 
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
