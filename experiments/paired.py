@@ -2,6 +2,8 @@
 
     python -m experiments.paired configs/default.yaml --pairs 15
     python -m experiments.paired configs/default.yaml --dtypes float32 bfloat16 --pairs 15
+    python -m experiments.paired configs/default.yaml --no-llama --pairs 8 \
+        --variants chunked:engine.wkv_impl=chunked seq:engine.wkv_impl=sequential
 
 The bench (experiments.bench) runs every rwkv_jax test, then every llama.cpp test: on a shared
 2-core machine whose speed drifts by tens of per cent over minutes, the two blocks see different
@@ -14,7 +16,10 @@ each engine's median tok/s.
 
 Tests are the config's llama_bench ppN / tgN (one stream; tokens drawn as the bench draws them),
 each engine warmed up on each test first (compiles, page faults). rwkv_jax engines: the
-config's engine settings, once per `--dtypes` entry (default: the config's dtype).
+config's engine settings, once per `--dtypes` entry (default: the config's dtype), or one per
+`--variants NAME:OVERRIDE[,OVERRIDE...]` (config overrides on top of the command line's, e.g.
+`bf16:engine.dtype=bfloat16`). The ratios are to llama.cpp, or with `--no-llama` to the first
+engine (`--reference NAME` picks another).
 """
 
 from __future__ import annotations
@@ -135,6 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides, as for experiments.bench")
     p.add_argument("--pairs", type=int, default=15, help="interleaved rounds")
     p.add_argument("--dtypes", nargs="+", default=None, help="one rwkv_jax engine per dtype")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        metavar="NAME:OVERRIDES",
+        help="one rwkv_jax engine per variant: NAME:KEY=VALUE[,KEY=VALUE...] config overrides",
+    )
+    p.add_argument("--no-llama", action="store_true", help="rwkv_jax engines only")
+    p.add_argument("--reference", default=None, help="the engine ratios are taken against")
     p.add_argument("--pause", type=float, default=0.25, help="seconds before each run")
     p.add_argument("--out", default=None, help="append the result as a JSON line here")
     a = p.parse_args(argv)
@@ -145,32 +159,62 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def variant_configs(a: argparse.Namespace, cfg) -> dict:
+    """The rwkv_jax engines to build, name -> config: one per --variants entry (its overrides on
+    top of the command line's), else one per --dtypes entry, else the config as it is."""
+    if a.variants and a.dtypes:
+        raise InputError("--variants and --dtypes do not go together (a variant can set dtype)")
+    if a.variants:
+        out = {}
+        for spec in a.variants:
+            name, sep, overrides = spec.partition(":")
+            if not sep or not name or name in out:
+                raise InputError(
+                    f"--variants {spec!r}: give NAME:KEY=VALUE[,KEY=VALUE...], names distinct, "
+                    f"e.g. bf16:engine.dtype=bfloat16"
+                )
+            extra = [o for o in overrides.split(",") if o]
+            out[name] = cfgmod.load(a.config, [*a.overrides, *extra])
+        if len(out) < 2 and a.no_llama:
+            raise InputError("--no-llama needs at least two --variants to pair")
+        return out
+    if a.no_llama and len(a.dtypes or []) < 2:
+        raise InputError("--no-llama needs at least two engines: --dtypes A B or --variants")
+    return {
+        f"rwkv_jax {d}": cfgmod.load(a.config, [*a.overrides, f"engine.dtype={d}"])
+        for d in a.dtypes or [cfg.engine.dtype]
+    }
+
+
 def _run(a: argparse.Namespace) -> int:
     from experiments import bench, llamacpp
 
     cfg = cfgmod.load(a.config, a.overrides)
     if cfg.protocols.llama_bench is None:
         raise InputError(f"{a.config}: protocols.llama_bench is null: no tests to pair")
-    if not llamacpp.available():
+    variants = variant_configs(a, cfg)
+    if not a.no_llama and not llamacpp.available():
         raise InputError(
-            "llama-cpp-python is not installed: pip install 'llama-cpp-python==0.3.36'"
+            "llama-cpp-python is not installed: pip install 'llama-cpp-python==0.3.36' (or "
+            "compare rwkv_jax variants alone: --no-llama)"
         )
     bench.select_platform(cfg.platform)
     path = bench.resolve_model(cfg.model)
     from experiments.engine_jax import JaxEngine
 
     engines: dict[str, BenchEngine] = {}
-    for dtype in a.dtypes or [cfg.engine.dtype]:
-        options = dataclasses.asdict(cfg.engine) | {"dtype": dtype}
-        eng = JaxEngine(path, options)
+    for name, vcfg in variants.items():
+        eng = JaxEngine(path, dataclasses.asdict(vcfg.engine))
         eng.load_once()
-        engines[f"rwkv_jax {dtype}"] = eng
-    engines[REFERENCE] = llamacpp.LlamaCppEngine(path)
+        engines[name] = eng
+    if not a.no_llama:
+        engines[REFERENCE] = llamacpp.LlamaCppEngine(path)
+    reference = a.reference or (next(iter(engines)) if a.no_llama else REFERENCE)
     vocab = next(iter(engines.values())).vocab_size
     tests = tests_of(cfg.protocols.llama_bench, vocab)
     log(f"{os.path.basename(path)}: {len(engines)} engines, {a.pairs} pairs of {len(tests)} tests")
-    result = interleave(engines, tests, a.pairs, a.pause)
-    print(table(result))
+    result = interleave(engines, tests, a.pairs, a.pause, reference=reference)
+    print(table(result, reference=reference))
     if a.out:
         rec = {"model": os.path.basename(path), "config": cfgmod.to_dict(cfg), "pairs": a.pairs}
         with open(a.out, "a") as f:

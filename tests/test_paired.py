@@ -75,3 +75,50 @@ def test_cli_without_llama_cpp_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("paired: error: llama-cpp-python is not installed")
     assert "Traceback" not in err
+
+
+def _args(**kw):
+    import argparse
+
+    base = dict(config="configs/default.yaml", overrides=[], variants=None, dtypes=None)
+    return argparse.Namespace(**(base | {"no_llama": False} | kw))
+
+
+def test_variant_configs():
+    from experiments import config as cfgmod
+
+    cfg = cfgmod.load("configs/default.yaml", [])
+    got = paired.variant_configs(
+        _args(
+            overrides=["engine.chunk_size=32"],
+            variants=["seq:engine.wkv_impl=sequential", "bf:engine.dtype=bfloat16,"],
+        ),
+        cfg,
+    )
+    assert list(got) == ["seq", "bf"]
+    assert got["seq"].engine.wkv_impl == "sequential" and got["seq"].engine.chunk_size == 32
+    assert got["bf"].engine.dtype == "bfloat16" and got["bf"].engine.chunk_size == 32
+    by_dtype = paired.variant_configs(_args(dtypes=["float32", "bfloat16"]), cfg)
+    assert [c.engine.dtype for c in by_dtype.values()] == ["float32", "bfloat16"]
+    assert list(by_dtype) == ["rwkv_jax float32", "rwkv_jax bfloat16"]
+    assert list(paired.variant_configs(_args(), cfg)) == [f"rwkv_jax {cfg.engine.dtype}"]
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(variants=["nocolon"]), "NAME:KEY=VALUE"),
+        (dict(variants=["a:engine.dtype=bfloat16", "a:engine.chunk_size=32"]), "distinct"),
+        (dict(variants=["a:engine.dtype=bfloat16"], no_llama=True), "at least two"),
+        (dict(no_llama=True), "at least two engines"),
+        (dict(variants=["a:"], dtypes=["float32"]), "do not go together"),
+        (dict(variants=["a:engine.dtype=float64", "b:"]), "engine.dtype"),
+    ],
+)
+def test_variant_configs_refuse_bad_specs(kw, match):
+    from experiments import config as cfgmod
+    from rwkv_jax.errors import RwkvJaxError
+
+    cfg = cfgmod.load("configs/default.yaml", [])
+    with pytest.raises(RwkvJaxError, match=match):
+        paired.variant_configs(_args(**kw), cfg)
