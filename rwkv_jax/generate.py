@@ -336,8 +336,9 @@ def default_wkv(backend: str | None = None) -> str:
 
     CPU: the token scan does less work than the chunked form's small matrix products (the whole
     WKV of one layer, T = 512: 5.0 ms against 10.0 ms at chunk 16, wkv.py), and whole prefills
-    follow: 0.1b Q4_K_M pp512 on 2 cores, eight interleaved rounds
-    (experiments/paired.py), float32 598 -> 700 tok/s, bfloat16 760 -> 976. GPUs: the chunked
+    follow: 0.1b Q4_K_M pp512 on 2 cores, eight interleaved rounds (experiments/paired.py
+    --variants, two runs), float32 598 -> 700 and 649 -> 679 tok/s, bfloat16 760 -> 976 and
+    810 -> 911. GPUs: the chunked
     form's matrix products run in parallel where a token scan is a chain of small launches
     (H200, T = 512: 0.40-0.80 ms chunked against 3.0 ms sequential).
     """
