@@ -12,11 +12,11 @@ where the CPU has avx512_bf16 (`info()`: bf16=avx512_bf16) and by the float32 ke
 rounded values elsewhere (bf16=portable; the same products, another summation order). The
 model's decode does not take them for packed weights: up to quant.MATVEC_MAX_ROWS rows packed
 weights multiply in float32 on every backend, so quant calls the float32 targets on the widened
-x there. The source is compiled with the system C++ compiler on first use into a cache keyed by source, compiler, flags, JAX version and CPU, then
-registered with `jax.ffi`. Without a compiler or a usable `jax.ffi`, `available()` is False,
-`reason()` says why, and callers keep the XLA path (same numbers, slower). `RWKV_JAX_NATIVE=0`
-disables it; `RWKV_JAX_NATIVE_THREADS=N` sets the pool size (default: the CPUs this process
-may use).
+x there. The source is compiled with the system C++ compiler on first use into a cache keyed by
+source, compiler, flags, JAX version and CPU, then registered with `jax.ffi`. Without a compiler
+or a usable `jax.ffi`, `available()` is False, `reason()` says why, and callers keep the XLA
+path (same numbers, slower). `RWKV_JAX_NATIVE=0` disables it; `RWKV_JAX_NATIVE_THREADS=N`
+sets the pool size (default: the CPUs this process may use).
 """
 
 from __future__ import annotations

@@ -338,9 +338,8 @@ def default_wkv(backend: str | None = None) -> str:
     WKV of one layer, T = 512: 5.0 ms against 10.0 ms at chunk 16, wkv.py), and whole prefills
     follow: 0.1b Q4_K_M pp512 on 2 cores, eight interleaved rounds (experiments/paired.py
     --variants, two runs), float32 598 -> 700 and 649 -> 679 tok/s, bfloat16 760 -> 976 and
-    810 -> 911. GPUs: the chunked
-    form's matrix products run in parallel where a token scan is a chain of small launches
-    (H200, T = 512: 0.40-0.80 ms chunked against 3.0 ms sequential).
+    810 -> 911. GPUs: the chunked form's matrix products run in parallel where a token scan is
+    a chain of small launches (H200, T = 512: 0.40-0.80 ms chunked against 3.0 ms sequential).
     """
     backend = backend or jax.default_backend()
     return "sequential" if backend == "cpu" else "chunked"
