@@ -3,7 +3,9 @@
     python -m experiments.gpu_trace --preset 2.9b --cases tg:1:128 tg:64:32 pp:4096 [--unrolled]
 
 Each case is timed the way experiments.bench times it (engine_jax.JaxEngine: `tg:B:N` = N greedy
-decode steps of B streams in the on-device generation loop, `pp:T` = one prefill of T tokens),
+decode steps of B streams in the on-device generation loop, `pp:T` = one prefill of T tokens;
+`gemm:ROWS` = one XLA bf16 matrix product of the FFN key's shape alone, to tell whether a GEMM
+library's first use is what slows later decode loops (BENCHMARKS.md, "after a prefill")),
 then run once more under `jax.profiler.trace`. The trace's device plane gives every kernel that
 ran: their number per token, their summed time, the time the device was busy (union of kernel
 intervals) against the wall time, and the kernels that took the most time. Wall time far above
@@ -93,13 +95,33 @@ def profile(run, tokens: int, top: int, events_out: str | None = None) -> dict:
     }
 
 
+def _gemm(rows: int, n_embd: int):
+    """A timed call of one bfloat16 [rows, C] x [C, 4C] product (the FFN key's shape in a
+    prefill step), result back on the host: for `gemm:ROWS` cases."""
+    import jax.numpy as jnp
+
+    x = jnp.ones((rows, n_embd), jnp.bfloat16)
+    w = jnp.ones((n_embd, 4 * n_embd), jnp.bfloat16)
+    f = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).sum())
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        float(f(x, w))
+        return time.perf_counter() - t0
+
+    return run
+
+
 def run_case(eng: JaxEngine, case: str, rng, label: str, a) -> None:
-    """Time one case (`tg:B:N` or `pp:T`), trace it once more and print (and append) its record."""
+    """Time one case (`tg:B:N`, `pp:T` or `gemm:ROWS`), trace it once more and print (and append)
+    its record."""
     kind, *nums = case.split(":")
     if kind == "tg":
         B, n = map(int, nums)
         first = rng.integers(1, eng.vocab_size, B).tolist()
         run, tokens = functools.partial(eng.tg, first, n), B * n
+    elif kind == "gemm":  # one XLA GEMM alone (cuBLAS on GPUs), as a prefill runs them
+        run, tokens = _gemm(int(nums[0]), eng.config.n_embd), int(nums[0])
     else:
         T = int(nums[0])
         toks = rng.integers(1, eng.vocab_size, T).tolist()
