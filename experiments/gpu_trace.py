@@ -26,6 +26,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.profiler import ProfileData
 
@@ -98,8 +99,6 @@ def profile(run, tokens: int, top: int, events_out: str | None = None) -> dict:
 def _gemm(rows: int, n_embd: int):
     """A timed call of one bfloat16 [rows, C] x [C, 4C] product (the FFN key's shape in a
     prefill step), result back on the host: for `gemm:ROWS` cases."""
-    import jax.numpy as jnp
-
     x = jnp.ones((rows, n_embd), jnp.bfloat16)
     w = jnp.ones((n_embd, 4 * n_embd), jnp.bfloat16)
     f = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).sum())

@@ -45,6 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from rwkv_jax import gpu_kernels
+from rwkv_jax.gpu_time_mix import _cpu_backend, one_decode_token  # _cpu_backend: a test seam
 
 Array = jax.Array
 
@@ -76,20 +77,12 @@ def _pow2_divisor(d: int, at_most: int) -> int:
     return t
 
 
-def _cpu_backend() -> bool:
-    """Whether programs are built for the CPU (see gpu_time_mix._cpu_backend)."""
-    return jax.default_backend() == "cpu"
-
-
 def supports(rows: int, tokens: int, n_embd: int, downs: Sequence = ()) -> bool:
     """Whether one decode token of `rows` streams with these LoRA down matrices (unstacked
     quant.Weight, (D, C)) runs here: dense formats, a row length the chunks divide, not the
     CPU."""
     return (
-        ENABLED
-        and not _cpu_backend()
-        and tokens == 1
-        and 1 <= rows <= MAX_ROWS
+        one_decode_token(ENABLED, _cpu_backend(), tokens, rows, MAX_ROWS)
         and chunk(n_embd) is not None
         and all(type(w).__name__ in gpu_kernels.DENSE and w.w.ndim == 2 for w in downs)
     )

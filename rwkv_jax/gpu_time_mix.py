@@ -97,15 +97,18 @@ def _cpu_backend() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def one_decode_token(enabled: bool, cpu: bool, tokens: int, rows: int, max_rows: int) -> bool:
+    """What every per-token decode kernel needs (gpu_mix too): switched on, a program not built
+    for the CPU, one token, 1..max_rows rows."""
+    return enabled and not cpu and tokens == 1 and 1 <= rows <= max_rows
+
+
 def supports(rows: int, tokens: int, head_size: int, ups: Sequence, stacked: bool = False) -> bool:
     """Whether one decode token of `rows` streams with these LoRA up matrices (quant.Weight,
     (C, D); stacked: [L, C, D]) runs here: dense formats, a power-of-two head size, not the
     CPU."""
     return (
-        ENABLED
-        and not _cpu_backend()
-        and tokens == 1
-        and 1 <= rows <= MAX_ROWS
+        one_decode_token(ENABLED, _cpu_backend(), tokens, rows, MAX_ROWS)
         and head_size >= 16
         and head_size & (head_size - 1) == 0
         and all(type(w).__name__ in gpu_kernels.DENSE and w.w.ndim == 2 + stacked for w in ups)
