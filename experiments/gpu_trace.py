@@ -4,8 +4,9 @@
 
 Each case is timed the way experiments.bench times it (engine_jax.JaxEngine: `tg:B:N` = N greedy
 decode steps of B streams in the on-device generation loop, `pp:T` = one prefill of T tokens;
-`gemm:ROWS` = one XLA bf16 matrix product of the FFN key's shape alone, to tell whether a GEMM
-library's first use is what slows later decode loops (BENCHMARKS.md, "after a prefill")),
+`gemm:ROWS` = one XLA bf16 matrix product of the FFN key's shape alone and `trsm:BATCH` one
+batched 64 x 64 triangular solve alone, to tell which library's first use slows later decode
+loops (BENCHMARKS.md, "after a prefill")),
 then run once more under `jax.profiler.trace`. The trace's device plane gives every kernel that
 ran: their number per token, their summed time, the time the device was busy (union of kernel
 intervals) against the wall time, and the kernels that took the most time. Wall time far above
@@ -19,6 +20,7 @@ import argparse
 import collections
 import functools
 import glob
+import gzip
 import json
 import os
 import re
@@ -49,6 +51,35 @@ def kernel_events(xplane: str) -> list[tuple[str, int, int]]:
     return out
 
 
+def all_events(xplane: str) -> list[tuple[str, str, str, int, int]]:
+    """(plane, line, name, start_ns, duration_ns) of every event of the trace, in start order:
+    kernels on their streams and host events on their threads, to compare two calls' timelines."""
+    out = []
+    for plane in ProfileData.from_file(xplane).planes:
+        for line in plane.lines:
+            out += [
+                (plane.name, line.name, e.name, int(e.start_ns), int(e.duration_ns))
+                for e in line.events
+            ]
+    return sorted(out, key=lambda e: e[3])
+
+
+def host_events(xplane: str) -> dict[str, list[int]]:
+    """{"plane: event name": [count, summed ns]} over every host-side plane of the trace (XLA's
+    thunk executors, the CUDA API calls CUPTI records, Python): where host time between kernels
+    goes."""
+    by: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for plane in ProfileData.from_file(xplane).planes:
+        if plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            for e in line.events:
+                key = f"{plane.name.rsplit('/', 1)[-1]}: {family(e.name)[:80]}"
+                by[key][0] += 1
+                by[key][1] += int(e.duration_ns)
+    return by
+
+
 def busy_ns(events: list[tuple[str, int, int]]) -> int:
     """Length of the union of the events' [start, start + duration) intervals."""
     total, end = 0, -1
@@ -65,8 +96,9 @@ def family(name: str) -> str:
     return re.sub(r"[._]\d+$", "", re.sub(r"[._]\d+(?=[._])", "", name))
 
 
-def profile(run, tokens: int, top: int, events_out: str | None = None) -> dict:
-    """Trace one call of run(); summarise its kernels (and write every event to events_out)."""
+def profile(run, tokens: int, top: int, events_out: str | None = None, host_top: int = 0) -> dict:
+    """Trace one call of run(); summarise its kernels (and write every event to events_out) and,
+    with host_top, the host events that took the most time."""
     d = tempfile.mkdtemp(prefix="rwkv_trace_")
     with jax.profiler.trace(d):
         wall = run()
@@ -77,15 +109,18 @@ def profile(run, tokens: int, top: int, events_out: str | None = None) -> dict:
             lines = [(ln.name, len(list(ln.events))) for ln in plane.lines]
             print("  plane", plane.name, lines[:8])
     if events_out:  # the whole sequence, in start order: which kernels one token runs
-        with open(events_out, "w") as f:
-            json.dump(sorted(ev, key=lambda e: e[1]), f)
+        with gzip.open(events_out + ".gz", "wt") as f:
+            json.dump(all_events(files[0]) if files else [], f)
     by = collections.defaultdict(lambda: [0, 0])
     for name, _, dur in ev:
         by[family(name)][0] += 1
         by[family(name)][1] += dur
     ranked = sorted(by.items(), key=lambda kv: -kv[1][1])[:top]
     kern = sum(e[2] for e in ev)
+    host = host_events(files[0]) if files and host_top else {}
+    host_ranked = sorted(host.items(), key=lambda kv: -kv[1][1])[:host_top]
     return {
+        "host_top": [(k, n, v / 1e6) for k, (n, v) in host_ranked],
         "traced_wall_ms": 1e3 * wall,
         "kernels": len(ev),
         "kernels_per_token": len(ev) / tokens,
@@ -96,12 +131,24 @@ def profile(run, tokens: int, top: int, events_out: str | None = None) -> dict:
     }
 
 
-def _gemm(rows: int, n_embd: int):
+def _gemm(rows: int, n_embd: int, fused: bool = False):
     """A timed call of one bfloat16 [rows, C] x [C, 4C] product (the FFN key's shape in a
-    prefill step), result back on the host: for `gemm:ROWS` cases."""
+    prefill step), result back on the host: for `gemm:ROWS` cases (a library GEMM on GPUs) and
+    `fgemm:ROWS` (int8 weights scaled inside the product: XLA's own GEMM fusion, as the
+    prefill's dequantize-then-dot runs)."""
     x = jnp.ones((rows, n_embd), jnp.bfloat16)
-    w = jnp.ones((n_embd, 4 * n_embd), jnp.bfloat16)
-    f = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).sum())
+    if fused:
+        w = jnp.ones((n_embd, 4 * n_embd), jnp.int8)
+
+        def prod(x, w):
+            return jnp.dot(x, w.astype(jnp.bfloat16) * 0.5, preferred_element_type=jnp.float32)
+    else:
+        w = jnp.ones((n_embd, 4 * n_embd), jnp.bfloat16)
+
+        def prod(x, w):
+            return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+    f = jax.jit(lambda x, w: prod(x, w).sum())
 
     def run() -> float:
         t0 = time.perf_counter()
@@ -111,9 +158,27 @@ def _gemm(rows: int, n_embd: int):
     return run
 
 
-def run_case(eng: JaxEngine, case: str, rng, label: str, a) -> None:
-    """Time one case (`tg:B:N`, `pp:T` or `gemm:ROWS`), trace it once more and print (and append)
-    its record."""
+def _trsm(batch: int, size: int = 64):
+    """A timed call of one batched float32 unit-lower triangular solve [batch, 64, 64] (the
+    chunked WKV's solve in a prefill; cuBLAS trsm on CUDA), result back on the host: for
+    `trsm:BATCH` cases."""
+    m = jnp.tril(jnp.full((batch, size, size), 0.01, jnp.float32))
+    b = jnp.ones((batch, size, size), jnp.float32)
+    f = jax.jit(
+        lambda m, b: jax.scipy.linalg.solve_triangular(m, b, lower=True, unit_diagonal=True).sum()
+    )
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        float(f(m, b))
+        return time.perf_counter() - t0
+
+    return run
+
+
+def run_case(eng: JaxEngine, case: str, rng, label: str, a, index: int = 0) -> None:
+    """Time one case (`tg:B:N`, `pp:T`, `gemm:ROWS` or `trsm:BATCH`; the index-th of the run),
+    trace it once more and print (and append) its record."""
     kind, *nums = case.split(":")
     if kind == "tg":
         B, n = map(int, nums)
@@ -121,6 +186,10 @@ def run_case(eng: JaxEngine, case: str, rng, label: str, a) -> None:
         run, tokens = functools.partial(eng.tg, first, n), B * n
     elif kind == "gemm":  # one XLA GEMM alone (cuBLAS on GPUs), as a prefill runs them
         run, tokens = _gemm(int(nums[0]), eng.config.n_embd), int(nums[0])
+    elif kind == "fgemm":  # the same with a dequantizing operand: XLA's GEMM fusion
+        run, tokens = _gemm(int(nums[0]), eng.config.n_embd, fused=True), int(nums[0])
+    elif kind == "trsm":  # one batched triangular solve alone, as the chunked WKV runs them
+        run, tokens = _trsm(int(nums[0])), int(nums[0])
     else:
         T = int(nums[0])
         toks = rng.integers(1, eng.vocab_size, T).tolist()
@@ -137,8 +206,8 @@ def run_case(eng: JaxEngine, case: str, rng, label: str, a) -> None:
         "median_s": secs[len(secs) // 2],
         "tok_s": tokens / secs[len(secs) // 2],
     }
-    ev_out = f"{a.events}.{case.replace(':', '_')}.json" if a.events else None
-    rec.update(profile(run, tokens, a.top, ev_out))
+    ev_out = f"{a.events}.{index}_{case.replace(':', '_')}.json" if a.events else None
+    rec.update(profile(run, tokens, a.top, ev_out, a.host_top))
     print(
         f"\n== {case} [{label}] {rec['tok_s']:.1f} tok/s, median {1e3 * rec['median_s']:.2f}"
         f" ms (first call {first_s:.1f} s); traced {rec['traced_wall_ms']:.2f} ms, busy "
@@ -147,6 +216,10 @@ def run_case(eng: JaxEngine, case: str, rng, label: str, a) -> None:
     )
     for name, cnt, ms in rec["top"]:
         print(f"   {ms:9.3f} ms {cnt:7d}x  {name[:90]}")
+    if rec["host_top"]:
+        print("   host events (summed over threads):")
+    for name, cnt, ms in rec["host_top"]:
+        print(f"   {ms:9.3f} ms {cnt:7d}x  {name[:100]}")
     if a.out:
         with open(a.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -159,13 +232,22 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=["tg:1:128", "tg:64:32", "pp:4096"])
     p.add_argument("--unrolled", action="store_true", help="load with unrolled layers")
     p.add_argument("--chunks-per-call", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype to load with")
+    p.add_argument("--wkv", default=None, help="wkv_impl to load with (default: the backend's)")
     p.add_argument("--chunks-per-step", type=int, default=None, help="default: the backend's")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--loads", type=int, default=1, help="load the model this many times first")
     p.add_argument("--top", type=int, default=12)
+    p.add_argument(
+        "--host-top", type=int, default=0, help="also list this many host events by summed time"
+    )
     p.add_argument("--label", default="")
     p.add_argument("--out", default=None, help="append JSON lines here")
-    p.add_argument("--events", default=None, help="write each case's kernel events to PREFIX.case")
+    p.add_argument(
+        "--events",
+        default=None,
+        help="write each case's traced events (kernels and host) to PREFIX.INDEX_CASE.json.gz",
+    )
     p.add_argument(
         "--pallas",
         default=None,
@@ -242,11 +324,13 @@ def main() -> None:
             if v:
                 setattr(gpu_kernels, name, v)
     opts = {
-        "dtype": "bfloat16",
+        "dtype": a.dtype,
         "chunk_size": 64,
         "chunks_per_call": a.chunks_per_call,
         "chunks_per_step": a.chunks_per_step,
     }
+    if a.wkv:
+        opts["wkv_impl"] = a.wkv
     if a.unrolled:
         opts["stack_layers"] = False
     eng = JaxEngine(str(synth.ensure(a.preset, a.type, 0)), opts)
@@ -267,8 +351,8 @@ def main() -> None:
             setattr(gpu_kernels, name, int(v) if v else defaults[name])
         jax.clear_caches()  # the constants are read at trace time: trace again
         label = base_label + (f" mma={variant}" if variant else "")
-        for case in a.cases:
-            run_case(eng, case, rng, label, a)
+        for i, case in enumerate(a.cases):
+            run_case(eng, case, rng, label, a, i)
 
 
 if __name__ == "__main__":
