@@ -4,9 +4,10 @@
 
 Each case is timed the way experiments.bench times it (engine_jax.JaxEngine: `tg:B:N` = N greedy
 decode steps of B streams in the on-device generation loop, `pp:T` = one prefill of T tokens;
-`gemm:ROWS` = one XLA bf16 matrix product of the FFN key's shape alone and `trsm:BATCH` one
-batched 64 x 64 triangular solve alone, to tell which library's first use slows later decode
-loops (BENCHMARKS.md, "after a prefill")),
+`gemm:ROWS` = one XLA bf16 matrix product of the FFN key's shape alone, `fgemm:ROWS` the same
+with int8 weights scaled inside it, `trsm:BATCH` one batched 64 x 64 triangular solve alone,
+`cond:N` / `big:MB` a program with a lax.cond / a large temporary: what in a prefill slows later
+decode loops? BENCHMARKS.md, "after a prefill"),
 then run once more under `jax.profiler.trace`. The trace's device plane gives every kernel that
 ran: their number per token, their summed time, the time the device was busy (union of kernel
 intervals) against the wall time, and the kernels that took the most time. Wall time far above
@@ -30,6 +31,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.profiler import ProfileData
 
 from experiments.engine_jax import JaxEngine
@@ -176,9 +178,35 @@ def _trsm(batch: int, size: int = 64):
     return run
 
 
+def _probe(kind: str, size: int):
+    """A timed call of a small program with one feature of a prefill program, result back on the
+    host, for telling which feature slows later decode loops: `cond:N` a lax.cond on a device
+    predicate over [N] values, `big:MB` an elementwise program with a temporary of MB megabytes."""
+    if kind == "cond":
+        x = jnp.arange(size, dtype=jnp.float32)
+
+        def fn(x):
+            return lax.cond(x[0] >= 0, lambda v: jnp.sin(v) * 2, lambda v: v, x).sum()
+    else:
+        x = jnp.ones((size << 18,), jnp.float32)  # size MB as float32
+
+        def fn(x):
+            y = jnp.exp(x) * 3  # a temporary as large as x
+            return (y + jnp.flip(y)).sum()
+
+    f = jax.jit(fn)
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        float(f(x))
+        return time.perf_counter() - t0
+
+    return run
+
+
 def run_case(eng: JaxEngine, case: str, rng, label: str, a, index: int = 0) -> None:
-    """Time one case (`tg:B:N`, `pp:T`, `gemm:ROWS` or `trsm:BATCH`; the index-th of the run),
-    trace it once more and print (and append) its record."""
+    """Time one case (`tg:B:N`, `pp:T`, `gemm:ROWS`, `fgemm:ROWS`, `trsm:BATCH`, `cond:N` or
+    `big:MB`; the index-th of the run), trace it once more and print (and append) its record."""
     kind, *nums = case.split(":")
     if kind == "tg":
         B, n = map(int, nums)
@@ -188,6 +216,8 @@ def run_case(eng: JaxEngine, case: str, rng, label: str, a, index: int = 0) -> N
         run, tokens = _gemm(int(nums[0]), eng.config.n_embd), int(nums[0])
     elif kind == "fgemm":  # the same with a dequantizing operand: XLA's GEMM fusion
         run, tokens = _gemm(int(nums[0]), eng.config.n_embd, fused=True), int(nums[0])
+    elif kind in ("cond", "big"):  # one feature of a prefill program alone
+        run, tokens = _probe(kind, int(nums[0])), int(nums[0])
     elif kind == "trsm":  # one batched triangular solve alone, as the chunked WKV runs them
         run, tokens = _trsm(int(nums[0])), int(nums[0])
     else:

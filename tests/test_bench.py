@@ -514,3 +514,12 @@ def test_gpu_trace_reads_host_events_from_a_trace(tmp_path):
     summary = host_events(xplane)
     n, ns = summary["host:CPU: PjitFunction(traced_thrice)"]
     assert n == len(calls) and ns == sum(e[4] for e in calls)
+
+
+def test_gpu_trace_probe_programs_run():
+    """gpu_trace's single-feature programs (the after-prefill probes) compile and run on the CPU,
+    each call returning its wall time."""
+    from experiments.gpu_trace import _gemm, _probe, _trsm
+
+    for run in (_probe("cond", 8), _probe("big", 1), _trsm(2), _gemm(4, 256, fused=True)):
+        assert 0 < run() < 60
