@@ -77,7 +77,7 @@ class Profile:
     dtype: str | None
     # jax_default_prng_impl to set, None = leave JAX's setting (threefry2x32 unless changed)
     prng_impl: str | None
-    # tokens per generation call (session.Generator): a lax.scan samples and feeds this many on
+    # tokens per generation call (session.Generator): a loop samples and feeds up to this many on
     # the device between host checks; 1 = one token per call, no loop in the program
     decode_block: int
     why: str

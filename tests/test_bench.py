@@ -523,3 +523,18 @@ def test_gpu_trace_probe_programs_run():
 
     for run in (_probe("cond", 8), _probe("big", 1), _trsm(2), _gemm(4, 256, fused=True)):
         assert 0 < run() < 60
+
+
+def test_decode_loop_compares_the_two_loop_forms(synth_model, capsys):
+    """experiments.decode_loop times the scan and the traced-count loop in alternating rounds
+    and reports both forms' times and the median ratio; bad arguments are usage errors."""
+    from experiments import decode_loop
+
+    path = synth_model("tiny", "Q4_K_M")
+    assert decode_loop.main(["--model", path, "--batch", "2", "--steps", "4", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "B=2 steps=4" in out and "median scan/while" in out
+    assert out.count("ms [") == 2 and "2 rounds" in out
+    with pytest.raises(SystemExit) as e:
+        decode_loop.main(["--model", path, "--steps", "2"])
+    assert e.value.code == 2

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import rwkv_jax
-from rwkv_jax import sampling
+from rwkv_jax import backends, sampling, session
 from rwkv_jax.errors import InputError
 from rwkv_jax.sampling import Penalty, Sampler, SamplerParams
-from rwkv_jax.session import Generator, TextStream
+from rwkv_jax.session import Generator, TextStream, sample_steps, sample_steps_kept
 
 # ---- helpers --------------------------------------------------------------------------------
 
@@ -369,7 +369,7 @@ def test_batched_streams_equal_running_alone(model):
 
 @pytest.mark.parametrize("block", [4, 16])
 def test_device_blocks_equal_token_by_token(model, block):
-    """Tokens sampled in on-device blocks (a scan of sampling steps) equal one call per token:
+    """Tokens sampled in on-device blocks (a loop of sampling steps) equal one call per token:
     tokens, finish reasons, positions, penalties, final state and logits — with a stop token
     ending one stream mid-block, ragged limits, penalties and random sampling."""
     gen = Generator(model)
@@ -383,7 +383,7 @@ def test_device_blocks_equal_token_by_token(model, block):
     assert one.finish_reasons[0] == "stop" and one.finish_reasons[1] in ("length", "stop")
     assert blk.tokens == one.tokens and blk.finish_reasons == one.finish_reasons
     assert blk.positions == one.positions and blk.texts == one.texts
-    # the same per-token programs inside a scan: identical up to float32 reassociation
+    # the same per-token programs inside a loop: identical up to float32 reassociation
     for a, b in zip(
         jax.tree.leaves((blk.state, blk.penalty)),
         jax.tree.leaves((one.state, one.penalty)),
@@ -393,6 +393,67 @@ def test_device_blocks_equal_token_by_token(model, block):
     np.testing.assert_allclose(blk.logits, one.logits, atol=2e-4)
     with pytest.raises(InputError):
         gen.generate(PROMPTS[:1], 4, block_size=0)
+
+
+def _loop_args(model, stop: int = -1, remaining: int = 8):
+    """sample_steps' arguments after the tokens (one greedy stream, no penalties)."""
+    V = model.config.vocab_size
+    return (
+        Penalty.zeros(1, V),
+        sampling.stream_keys(0, 1),
+        jnp.zeros((1,), jnp.int32),
+        jnp.ones((1,), bool),
+        jnp.full((1,), remaining, jnp.int32),
+        jnp.asarray([stop], jnp.int32),
+        SamplerParams.from_samplers([Sampler.greedy()], V),
+        jnp.zeros((V,), jnp.float32),
+    )
+
+
+def test_block_loop_ends_when_every_stream_has_stopped_and_takes_a_count(model):
+    """With a traced count the on-device loop runs no step after its last stream stopped (its
+    token buffer keeps zeros there, where a full block samples tokens) and a count of 3 runs the
+    full block's first 3 steps; without one (GPUs) a fixed-length scan runs all n steps to the
+    same result."""
+    logits, state = model.forward(model.tokenizer.encode(PROMPTS[0]))
+    kw = dict(n=8, cfg=model.config, dtype=model.dtype)
+    full = sample_steps_kept(model.params, logits, state, *_loop_args(model), **kw)
+    toks, fed = np.asarray(full[0])[:, 0], np.asarray(full[1])[:, 0]
+    assert fed.all()
+    first = toks.tolist().index(toks[2])  # the stop token's first appearance
+    assert (toks[first + 1 :] != 0).any()  # a full block samples there
+    stop_args = _loop_args(model, int(toks[2]))
+    got = sample_steps_kept(model.params, logits, state, *stop_args, jnp.int32(8), **kw)
+    g_toks, g_fed = np.asarray(got[0])[:, 0], np.asarray(got[1])[:, 0]
+    assert g_toks[: first + 1].tolist() == toks[: first + 1].tolist()
+    assert g_fed[: first + 1].all() and not g_fed[first + 1 :].any()
+    assert (g_toks[first + 1 :] == 0).all()  # never sampled: the loop had ended
+    assert int(got[5][0]) == first + 1  # positions: the stop token was fed
+    part = sample_steps_kept(model.params, logits, state, *_loop_args(model), jnp.int32(3), **kw)
+    assert np.asarray(part[1])[:, 0].tolist() == [True] * 3 + [False] * 5
+    assert np.asarray(part[0])[:3, 0].tolist() == toks[:3].tolist() and int(part[5][0]) == 3
+    # without a count: the fixed-length scan (GPUs) runs every step, the stopped row frozen
+    fixed = sample_steps_kept(model.params, logits, state, *stop_args, **kw)
+    assert np.asarray(fixed[1])[:, 0].tolist() == g_fed.tolist()
+    assert (np.asarray(fixed[0])[first + 1 :, 0] != 0).any() and int(fixed[5][0]) == first + 1
+    for a, b in zip(jax.tree.leaves(fixed[2:]), jax.tree.leaves(got[2:]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_one_decode_program_per_block_size(model):
+    """On the CPU generation of any length runs one compiled loop per block size (its step count
+    is a traced value); another block size is another program. GPUs keep fixed-length scans."""
+    assert session.traced_count_loop("cpu") and not session.traced_count_loop("gpu")
+    assert session.traced_count_loop()  # these tests run on the CPU
+    gen = Generator(model)
+    steps = sample_steps if backends.current_profile().donate else sample_steps_kept
+    gen.generate([PROMPTS[0]], 2, block_size=8)
+    before = steps._cache_size()
+    for n in (1, 3, 5, 8, 13, 20):
+        assert len(gen.generate([PROMPTS[0]], n, block_size=8).tokens[0]) == n
+    assert steps._cache_size() == before
+    gen.generate([PROMPTS[0]], 3, block_size=4)
+    assert steps._cache_size() == before + 1
 
 
 def test_generate_greedy_matches_model_generate(model):
