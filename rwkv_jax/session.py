@@ -7,7 +7,10 @@ penalties and feeds the token back (`decode_step`), up to a block of tokens per 
 tokens and token limits are decided on the device; on the CPU the loop's step count is a traced
 value and the loop ends as soon as every stream has stopped, on GPUs it is a scan of a fixed
 length, see `traced_count_loop`; the host reads the block, decodes text and checks stop
-strings — with stop strings, one token per call). A stream that has finished is frozen:
+strings). With stop strings a block that ran past a match is run again up to it from its kept
+inputs (the same program and keys sample the same tokens), so the result is that of one token
+per call, and blocks are sized to return text about every STREAM_SECONDS. A stream that has
+finished is frozen:
 its token is fed as padding, which leaves its state untouched (one stream: its old state is
 selected), and its logits and penalties are selected unchanged, so the returned state of every
 row is exactly the state after its own last consumed token.
@@ -28,6 +31,8 @@ so a character split over several tokens is delivered whole.
 from __future__ import annotations
 
 import codecs
+import functools
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,7 +43,7 @@ import numpy as np
 from jax import Array, lax
 
 from rwkv_jax import backends, checkpoint, sampling
-from rwkv_jax.errors import InputError
+from rwkv_jax.errors import InputError, RwkvJaxError
 from rwkv_jax.generate import decode_fn
 from rwkv_jax.gguf import ModelConfig
 from rwkv_jax.params import Params
@@ -137,6 +142,11 @@ def _sample_steps(
         _, carry, toks, fed = lax.while_loop(cond, body, (jnp.int32(0), init, *buffers))
     logits, state, penalty, positions, _, _ = carry
     return toks, fed, logits, state, penalty, positions
+
+
+# generation with stop strings returns text about this often: its blocks are sized from the last
+# call's time per token (fast decoding: whole blocks; slow: down to one token per call)
+STREAM_SECONDS = 0.1
 
 
 def traced_count_loop(backend: str | None = None) -> bool:
@@ -449,8 +459,11 @@ class Generator:
     ) -> Result:
         """Generate up to max_tokens for each of B = len(prompts) streams.
 
-        block_size: tokens sampled on the device per call (default: the backend profile's
-        decode_block, 16 on CPU/CUDA; 1 with stop strings, which are checked after every token).
+        block_size: tokens sampled on the device per call, at most (default: the backend
+        profile's decode_block, 16 on CPU/CUDA). With stop strings, checked after every token,
+        calls are sized from the last call's time per token to return text about every
+        STREAM_SECONDS, and a call that ran past a match is replayed up to it: the result equals
+        one token per call (block_size=1).
 
         sampler: one for all streams or one per stream (default: greedy). keys: per-stream PRNG
         keys [B] (default `stream_keys(seed, B)`). To continue, pass the previous `state`
@@ -513,40 +526,54 @@ class Generator:
         positions_dev = jnp.asarray(pos, jnp.int32)
         tokenizer = model.tokenizer
         prof = backends.current_profile()
-        # tokens per call: a block sampled on the device, unless stop strings must be checked
-        # after every token (a block would feed tokens past the match into the state)
-        block = 1 if stops else (prof.decode_block if block_size is None else block_size)
+        block = prof.decode_block if block_size is None else block_size
         if block < 1:
             raise InputError(f"block_size {block_size} must be >= 1")
         stop_dev = jnp.asarray(sorted(stop_ids) or [-1], jnp.int32)
-        steps = sample_steps if prof.donate else sample_steps_kept
-        traced = traced_count_loop()
+        # stop strings are matched on the host: a block may feed a stream tokens past its match,
+        # so each block's inputs are kept (the program that does not donate them) and a block
+        # that ran past a match is run again up to it — the same program and inputs sample the
+        # same tokens, so the result is that of one token per call
+        replay = bool(stops) and block > 1
+        steps = sample_steps if prof.donate and not replay else sample_steps_kept
+        traced = replay or traced_count_loop()
+        per_token = None  # seconds per step of the last call (replay: sizes the next one)
         while active.any():
             left = [max_tokens - len(o) for o in out]
             # no more steps than the longest remaining stream needs: a traced count (one program
             # per block size), or in powers of two (few programs of a fixed trip count)
             need = max(left[b] for b in np.flatnonzero(active))
-            count = jnp.int32(min(block, need)) if traced else None
+            size = min(block, need)
+            if replay:  # text every ~STREAM_SECONDS: one token first, then as many as fit
+                size = (
+                    1 if per_token is None else max(1, min(size, int(STREAM_SECONDS / per_token)))
+                )
             n = block if traced else min(block, 1 << (need - 1).bit_length())
-            tok, fed, logits, state, penalty, positions_dev = steps(
+            inputs = (logits, state, penalty, positions_dev, jnp.asarray(active))
+            call = functools.partial(
+                steps,
                 model.params,
-                logits,
-                state,
-                penalty,
-                keys,
-                positions_dev,
-                jnp.asarray(active),
-                jnp.asarray(left, jnp.int32),
-                stop_dev,
-                params,
-                self._weights,
-                count,
+                keys=keys,
+                remaining=jnp.asarray(left, jnp.int32),
+                stop_ids=stop_dev,
+                sampler=params,
+                weights=self._weights,
                 n=n,
                 cfg=model.config,
                 dtype=model.dtype,
             )
+            t0 = time.perf_counter()
+            tok, fed, logits, state, penalty, positions_dev = call(
+                *inputs[:3],
+                positions=inputs[3],
+                active=inputs[4],
+                count=jnp.int32(size) if traced else None,
+            )
             toks, feds = np.asarray(tok), np.asarray(fed)
-            for host, fed in zip(toks, feds, strict=True):
+            ran = int(feds.any(axis=1).sum())
+            per_token = (time.perf_counter() - t0) / max(ran, 1)
+            for i, (host, fed) in enumerate(zip(toks, feds, strict=True)):
+                matched = False
                 for b in np.flatnonzero(fed & active):
                     t = int(host[b])
                     pos[b] += 1
@@ -560,9 +587,21 @@ class Generator:
                     if piece and on_text is not None:
                         on_text(int(b), piece)
                     if texts[b].stopped:
-                        finish[b], active[b] = "stop_string", False
+                        finish[b], active[b], matched = "stop_string", False, True
                     elif len(out[b]) >= max_tokens:
                         active[b] = False
+                if matched and feds[i + 1 :].any():  # the block went on past the match: replay
+                    again = call(
+                        *inputs[:3], positions=inputs[3], active=inputs[4], count=jnp.int32(i + 1)
+                    )
+                    if not np.array_equal(np.asarray(again[0])[: i + 1], toks[: i + 1]):
+                        raise RwkvJaxError(
+                            "internal error: a generation block replayed up to a stop string "
+                            "sampled different tokens; please report it (block_size=1 avoids "
+                            "the replay)"
+                        )
+                    logits, state, penalty, positions_dev = again[2:]
+                    break  # the steps after i are sampled again by the next call
         for b in range(B):
             piece = texts[b].close()
             if piece and on_text is not None:

@@ -456,6 +456,74 @@ def test_one_decode_program_per_block_size(model):
     assert steps._cache_size() == before + 1
 
 
+def _spy_counts(monkeypatch) -> list:
+    """Record the step count of every call of the non-donating loop program."""
+    seen, real = [], session.sample_steps_kept
+
+    def spy(*args, **kw):
+        seen.append(None if kw.get("count") is None else int(kw["count"]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(session, "sample_steps_kept", spy)
+    return seen
+
+
+def _stop_string_at(model, tokens: list[int], lo: int, hi: int) -> tuple[str, int]:
+    """A stop string that first matches at a token index in [lo, hi) of `tokens`: that token's
+    own text (valid UTF-8, not seen in the bytes before it)."""
+    pieces = [model.tokenizer.decode_bytes([t]) for t in tokens]
+    for k in range(lo, hi):
+        try:
+            text = pieces[k].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text and pieces[k] not in b"".join(pieces[:k]) + pieces[k][:-1]:
+            return text, k
+    pytest.skip("no token of the probe spells a usable stop string")
+
+
+def test_stop_strings_in_blocks_equal_token_by_token(model, monkeypatch):
+    """With stop strings, blocks of tokens (replayed up to a match they ran past) give what one
+    token per call gives: tokens, texts, finish reasons, positions, streamed text, final state,
+    penalties and logits — one stream cut by a stop string mid-block, one running on."""
+    monkeypatch.setattr(session, "STREAM_SECONDS", 1e9)  # whole blocks after the first call
+    gen = Generator(model)
+    samplers = [Sampler(temperature=0.8, top_p=0.9), Sampler.greedy(alpha_presence=0.5)]
+    keys = sampling.stream_keys(5, 2)
+    probe = gen.generate(PROMPTS[:1], 24, samplers[0], keys=keys[:1], block_size=1)
+    stop, k = _stop_string_at(model, probe.tokens[0], 4, 14)  # inside the second call's block
+    kw = dict(stop_strings=[stop], keys=keys)
+    one = gen.generate(PROMPTS[:2], 20, samplers, block_size=1, **kw)
+    seen = _spy_counts(monkeypatch)
+    streamed: dict[int, list[str]] = {0: [], 1: []}
+    blk = gen.generate(
+        PROMPTS[:2], 20, samplers, block_size=16, on_text=lambda b, t: streamed[b].append(t), **kw
+    )
+    assert one.finish_reasons[0] == "stop_string" and len(one.tokens[0]) == k + 1
+    assert seen[:3] == [1, 16, k]  # one token, a block past the match, its replay to it
+    assert blk.tokens == one.tokens and blk.finish_reasons == one.finish_reasons
+    assert blk.positions == one.positions and blk.texts == one.texts
+    assert ["".join(streamed[b]) for b in (0, 1)] == blk.texts
+    for a, b in zip(
+        jax.tree.leaves((blk.state, blk.penalty)),
+        jax.tree.leaves((one.state, one.penalty)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+    np.testing.assert_allclose(blk.logits, one.logits, atol=2e-4)
+
+
+@pytest.mark.parametrize("seconds, sizes", [(0.0, [1] * 9), (1e9, [1, 8])])
+def test_stop_string_blocks_follow_the_time_per_token(model, monkeypatch, seconds, sizes):
+    """With stop strings, a call samples as many tokens as the last call's time per token fits
+    in STREAM_SECONDS (at least one, at most the block): text arrives about that often."""
+    monkeypatch.setattr(session, "STREAM_SECONDS", seconds)
+    seen = _spy_counts(monkeypatch)
+    res = Generator(model).generate([PROMPTS[0]], 9, stop_strings=["\x00never"], block_size=16)
+    assert res.finish_reasons == ["length"] and len(res.tokens[0]) == 9
+    assert seen == sizes
+
+
 def test_generate_greedy_matches_model_generate(model):
     want = list(model.generate_tokens(PROMPTS[0], 8))
     got = Generator(model).generate([PROMPTS[0]], 8)
