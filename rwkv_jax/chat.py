@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
@@ -121,18 +122,7 @@ class ChatSession:
             raise InputError("the message is empty: say something")
         logits = self._feed(f"{USER_PREFIX}{msg}{TURN_END}{ASSISTANT_PREFIX}")
         start_state, start_position = checkpoint.fork(self.state), self.position  # for a rewind
-        res = self.generator.generate(
-            [[]],
-            self.max_tokens,
-            self.sampler,
-            stop_tokens=[DOUBLE_NEWLINE_ID],
-            stop_strings=STOP_STRINGS,
-            keys=self.keys,
-            state=self.state,
-            logits=logits,
-            positions=[self.position],
-            on_text=None if on_text is None else (lambda _b, piece: on_text(piece)),
-        )
+        res = self._reply(logits, self.state, self.position, self.max_tokens, on_text)
         reply, finish, tail = res.texts[0], res.finish_reasons[0], res.tails[0]
         self.state, self.position = res.state, res.positions[0]
         if finish == "length":  # the state saw the whole reply but no end of turn
@@ -143,6 +133,29 @@ class ChatSession:
             self._feed(reply + TURN_END)
         self.turns += 1
         return reply.strip()
+
+    def _reply(self, logits, state, position: int, max_tokens: int, on_text=None):
+        """Generate a reply from `state` (the prompt fed, its last logits given)."""
+        return self.generator.generate(
+            [[]],
+            max_tokens,
+            self.sampler,
+            stop_tokens=[DOUBLE_NEWLINE_ID],
+            stop_strings=STOP_STRINGS,
+            keys=self.keys,
+            state=state,
+            logits=logits,
+            positions=[position],
+            on_text=None if on_text is None else (lambda _b, piece: on_text(piece)),
+        )
+
+    def precompile(self) -> None:
+        """Run a short turn on a scratch state (the conversation is not touched), so that the
+        programs a turn runs — the message's prefill and the reply's generation loop — are
+        compiled before the first message; `rwkv-jax chat` does this while it waits for it."""
+        ids = self.model.tokenizer.encode(f"{USER_PREFIX}Hi{TURN_END}{ASSISTANT_PREFIX}")
+        logits, state = self.model.forward(ids, self.model.new_state(1))
+        self._reply(logits, state, len(ids), 2)
 
     def save(self, path: str) -> None:
         """Save the conversation state (after a complete turn) to a safetensors file."""
@@ -268,7 +281,15 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
         initial=initial,
     )
     interactive = stdin.isatty() and stdin is sys.stdin
+    # on a terminal, compile a turn's programs while the user types the first message (a first
+    # reply otherwise waits for them: seconds on a GPU); a failure there is left to the real turn
+    warm = threading.Thread(target=_quietly, args=(session.precompile,)) if interactive else None
+    if warm is not None:
+        warm.start()
     for line in _lines(stdin, interactive):
+        if warm is not None:
+            warm.join()
+            warm = None
         if line.strip().startswith("/"):
             try:
                 _command(session, line, args.force)
@@ -284,6 +305,16 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
         session.say(line, on_text=_ReplyPrinter(stdout))
         stdout.write(TURN_END)
         stdout.flush()
+    if warm is not None:  # input ended before any line: let the compilation finish first
+        warm.join()
+
+
+def _quietly(fn: Callable[[], object]) -> None:
+    """Run fn, ignoring its errors (a background warm-up: the real call reports them)."""
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - reported by the real turn, which runs the same code
+        pass
 
 
 def add_chat_parser(subparsers) -> argparse.ArgumentParser:

@@ -117,6 +117,27 @@ def test_self_dialogue_is_cut_and_the_state_rewound(model):
     _close(session.state, want)
 
 
+def test_precompile_leaves_the_first_turn_nothing_to_compile(model):
+    """precompile runs a turn's programs on a scratch state: the first real turn compiles
+    nothing more, and the conversation (state, position, turns) is as if it had not run."""
+    import jax
+
+    from rwkv_jax import generate
+    from rwkv_jax import session as sess
+
+    fresh = ChatSession(model, max_tokens=6, seed=2)
+    want = fresh.say("What is two and two?")
+    jax.clear_caches()  # what the turn above compiled is gone: precompile must do it again
+    s = ChatSession(model, max_tokens=6, seed=2)
+    s.precompile()
+    assert s.turns == 0 and s.position == 0
+    sizes = (generate.prefill_call._cache_size(), sess.sample_steps_kept._cache_size())
+    assert s.say("What is two and two?") == want
+    assert (generate.prefill_call._cache_size(), sess.sample_steps_kept._cache_size()) == sizes
+    _close(s.state, fresh.state, atol=0)
+    chat._quietly(lambda: 1 / 0)  # a failing warm-up is left to the real turn
+
+
 def test_save_load_reset(model, tmp_path):
     session = ChatSession(model, max_tokens=5, seed=1, system="Be brief.")
     session.say("One")
