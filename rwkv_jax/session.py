@@ -9,11 +9,11 @@ value and the loop ends as soon as every stream has stopped, on GPUs it is a sca
 length, see `traced_count_loop`; the host reads the block, decodes text and checks stop
 strings). With stop strings a block that ran past a match is run again up to it from its kept
 inputs (the same program and keys sample the same tokens), so the result is that of one token
-per call, and blocks are sized to return text about every STREAM_SECONDS. A stream that has
-finished is frozen:
-its token is fed as padding, which leaves its state untouched (one stream: its old state is
-selected), and its logits and penalties are selected unchanged, so the returned state of every
-row is exactly the state after its own last consumed token.
+per call; with stop strings or on_text, blocks are sized to return text about every
+STREAM_SECONDS. A stream that has finished is frozen: its token is fed as padding, which leaves
+its state untouched (one stream: its old state is selected), and its logits and penalties are
+selected unchanged, so the returned state of every row is exactly the state after its own last
+consumed token.
 
 Batch invariance: row b draws its token at context position p with the key
 `fold_in(keys[b], p)`, and every sampling operation is row-wise, so a stream's tokens are the same
@@ -144,8 +144,9 @@ def _sample_steps(
     return toks, fed, logits, state, penalty, positions
 
 
-# generation with stop strings returns text about this often: its blocks are sized from the last
-# call's time per token (fast decoding: whole blocks; slow: down to one token per call)
+# generation that streams text (on_text) or checks stop strings returns about this often: its
+# calls are sized from the last call's time per token (fast decoding: whole blocks; slow: down to
+# one token per call)
 STREAM_SECONDS = 0.1
 
 
@@ -460,10 +461,10 @@ class Generator:
         """Generate up to max_tokens for each of B = len(prompts) streams.
 
         block_size: tokens sampled on the device per call, at most (default: the backend
-        profile's decode_block, 16 on CPU/CUDA). With stop strings, checked after every token,
-        calls are sized from the last call's time per token to return text about every
-        STREAM_SECONDS, and a call that ran past a match is replayed up to it: the result equals
-        one token per call (block_size=1).
+        profile's decode_block, 16 on CPU/CUDA). With on_text or stop strings, calls are sized
+        from the last call's time per token to return text about every STREAM_SECONDS; stop
+        strings are checked after every token, and a call that ran past a match is replayed up
+        to it: the result equals one token per call (block_size=1).
 
         sampler: one for all streams or one per stream (default: greedy). keys: per-stream PRNG
         keys [B] (default `stream_keys(seed, B)`). To continue, pass the previous `state`
@@ -537,18 +538,23 @@ class Generator:
         replay = bool(stops) and block > 1
         steps = sample_steps if prof.donate and not replay else sample_steps_kept
         traced = replay or traced_count_loop()
-        per_token = None  # seconds per step of the last call (replay: sizes the next one)
+        # text streamed (on_text) or checked (stop strings): calls sized from the last one's
+        # time per step to return about every STREAM_SECONDS
+        streaming = replay or on_text is not None
+        per_token = None
         while active.any():
             left = [max_tokens - len(o) for o in out]
             # no more steps than the longest remaining stream needs: a traced count (one program
             # per block size), or in powers of two (few programs of a fixed trip count)
             need = max(left[b] for b in np.flatnonzero(active))
             size = min(block, need)
-            if replay:  # text every ~STREAM_SECONDS: one token first, then as many as fit
-                size = (
-                    1 if per_token is None else max(1, min(size, int(STREAM_SECONDS / per_token)))
-                )
-            n = block if traced else min(block, 1 << (need - 1).bit_length())
+            if streaming and per_token is not None:  # text every ~STREAM_SECONDS
+                size = max(1, min(size, int(STREAM_SECONDS / per_token)))
+            elif streaming and traced:  # a first token soon (the same program: no compile)
+                size = 1
+            if not traced and streaming:
+                size = 1 << (size.bit_length() - 1)  # fixed-length scans: powers of two
+            n = block if traced else min(block, 1 << (size - 1).bit_length())
             inputs = (logits, state, penalty, positions_dev, jnp.asarray(active))
             call = functools.partial(
                 steps,

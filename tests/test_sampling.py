@@ -457,14 +457,19 @@ def test_one_decode_program_per_block_size(model):
 
 
 def _spy_counts(monkeypatch) -> list:
-    """Record the step count of every call of the non-donating loop program."""
-    seen, real = [], session.sample_steps_kept
+    """Record the steps of every call of the loop programs: its traced count, or its fixed
+    length n where it has none."""
+    seen = []
 
-    def spy(*args, **kw):
-        seen.append(None if kw.get("count") is None else int(kw["count"]))
-        return real(*args, **kw)
+    def wrap(real):
+        def spy(*args, **kw):
+            seen.append(kw["n"] if kw.get("count") is None else int(kw["count"]))
+            return real(*args, **kw)
 
-    monkeypatch.setattr(session, "sample_steps_kept", spy)
+        return spy
+
+    for name in ("sample_steps", "sample_steps_kept"):
+        monkeypatch.setattr(session, name, wrap(getattr(session, name)))
     return seen
 
 
@@ -513,13 +518,27 @@ def test_stop_strings_in_blocks_equal_token_by_token(model, monkeypatch):
     np.testing.assert_allclose(blk.logits, one.logits, atol=2e-4)
 
 
-@pytest.mark.parametrize("seconds, sizes", [(0.0, [1] * 9), (1e9, [1, 8])])
-def test_stop_string_blocks_follow_the_time_per_token(model, monkeypatch, seconds, sizes):
-    """With stop strings, a call samples as many tokens as the last call's time per token fits
-    in STREAM_SECONDS (at least one, at most the block): text arrives about that often."""
+@pytest.mark.parametrize(
+    "how, traced, seconds, sizes",
+    [
+        ("stop", True, 0.0, [1] * 9),
+        ("stop", True, 1e9, [1, 8]),
+        ("text", True, 0.0, [1] * 9),
+        ("text", True, 1e9, [1, 8]),
+        ("text", False, 0.0, [8, 1]),  # fixed-length scans (GPUs): a first whole block
+        ("text", False, 1e9, [8, 1]),
+        ("none", True, 0.0, [9]),  # nothing streamed or checked: whole blocks
+    ],
+)
+def test_streamed_blocks_follow_the_time_per_token(model, monkeypatch, how, traced, seconds, sizes):
+    """With stop strings or on_text, a call samples as many tokens as the last call's time per
+    token fits in STREAM_SECONDS (at least one, at most the block; powers of two for the
+    fixed-length scans): text arrives about that often."""
     monkeypatch.setattr(session, "STREAM_SECONDS", seconds)
+    monkeypatch.setattr(session, "traced_count_loop", lambda: traced)
     seen = _spy_counts(monkeypatch)
-    res = Generator(model).generate([PROMPTS[0]], 9, stop_strings=["\x00never"], block_size=16)
+    kw = {"stop": dict(stop_strings=["\x00never"]), "text": dict(on_text=lambda b, t: None)}
+    res = Generator(model).generate([PROMPTS[0]], 9, block_size=16, **kw.get(how, {}))
     assert res.finish_reasons == ["length"] and len(res.tokens[0]) == 9
     assert seen == sizes
 
