@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import rwkv_jax
+from experiments.engine_jax import greedy_loop_args
 from rwkv_jax import synth
 from rwkv_jax.generate import decode_fn
-from rwkv_jax.sampling import Penalty, Sampler, SamplerParams, stream_keys
 from rwkv_jax.session import sample_steps
 
 
@@ -33,17 +33,7 @@ def timed_loop(model, batch: int, steps: int, traced: bool) -> float:
     V = model.config.vocab_size
     state = model.new_state(batch)
     first = jnp.arange(1, batch + 1, dtype=jnp.int32)
-    args = (
-        Penalty.zeros(batch, V),
-        stream_keys(0, batch),
-        jnp.zeros((batch,), jnp.int32),  # positions
-        jnp.ones((batch,), bool),  # active
-        jnp.full((batch,), steps, jnp.int32),  # remaining
-        jnp.asarray([-1], jnp.int32),  # no stop tokens
-        SamplerParams.from_samplers([Sampler.greedy()] * batch, V),
-        jnp.zeros((V,), jnp.float32),
-        jnp.int32(steps - 1) if traced else None,
-    )
+    args = (*greedy_loop_args(batch, V, steps), jnp.int32(steps - 1) if traced else None)
     jax.block_until_ready((state, first))
     t0 = time.perf_counter()
     logits, state = decode_fn()(model.params, first, state, cfg=model.config, dtype=model.dtype)

@@ -25,6 +25,21 @@ def _greedy(logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
+def greedy_loop_args(batch: int, vocab: int, remaining: int) -> tuple:
+    """session.sample_steps' arguments after (params, logits, state): greedy streams from
+    position 0, all active with `remaining` tokens each, no stop tokens, no penalties."""
+    return (
+        Penalty.zeros(batch, vocab),
+        stream_keys(0, batch),
+        jnp.zeros((batch,), jnp.int32),  # positions
+        jnp.ones((batch,), bool),  # active
+        jnp.full((batch,), remaining, jnp.int32),  # remaining
+        jnp.asarray([-1], jnp.int32),  # no stop tokens
+        SamplerParams.from_samplers([Sampler.greedy()] * batch, vocab),
+        jnp.zeros((vocab,), jnp.float32),  # token weights (no penalties)
+    )
+
+
 class JaxEngine:
     """One rwkv_jax model and one recurrent state, with the seed's and llama-bench's calls."""
 
@@ -154,16 +169,7 @@ class JaxEngine:
         tok = jnp.asarray(np.asarray(first, np.int32))
         looped = backends.current_profile().decode_block > 1 and n > 1
         if looped:
-            args = (
-                Penalty.zeros(B, V),
-                stream_keys(0, B),
-                jnp.zeros((B,), jnp.int32),  # positions
-                jnp.ones((B,), bool),  # active
-                jnp.full((B,), n, jnp.int32),  # remaining
-                jnp.asarray([-1], jnp.int32),  # no stop tokens
-                SamplerParams.from_samplers([Sampler.greedy()] * B, V),
-                jnp.zeros((V,), jnp.float32),  # token weights (no penalties)
-            )
+            args = greedy_loop_args(B, V, n)
         jax.block_until_ready((st, tok))
         t0 = time.perf_counter()
         logits, st = decode_fn()(m.params, tok, st, cfg=m.config, dtype=m.dtype)

@@ -308,11 +308,11 @@ class Model:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-        text = Generator(self).generate([ids], max_tokens, on_text=show if stream else None)
+        res = Generator(self).generate([ids], max_tokens, on_text=show if stream else None)
         if stream:
             sys.stdout.write("\n")
             sys.stdout.flush()
-        return text.texts[0]
+        return res.texts[0]
 
 
 # rows x tokens of one prefill step at most: a larger batch runs shorter steps (Model.forward),

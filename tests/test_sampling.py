@@ -367,6 +367,21 @@ def test_batched_streams_equal_running_alone(model):
         np.testing.assert_allclose(batch.logits[b], alone.logits[0], atol=2e-4)
 
 
+def _assert_same_generation(got, want):
+    """Two generations of the same streams: equal tokens, finish reasons, positions and texts;
+    states, penalties and logits equal up to float32 reassociation (the same per-token work
+    inside a loop or not)."""
+    assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons
+    assert got.positions == want.positions and got.texts == want.texts
+    for a, b in zip(
+        jax.tree.leaves((got.state, got.penalty)),
+        jax.tree.leaves((want.state, want.penalty)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+    np.testing.assert_allclose(got.logits, want.logits, atol=2e-4)
+
+
 @pytest.mark.parametrize("block", [4, 16])
 def test_device_blocks_equal_token_by_token(model, block):
     """Tokens sampled in on-device blocks (a loop of sampling steps) equal one call per token:
@@ -381,16 +396,7 @@ def test_device_blocks_equal_token_by_token(model, block):
     one = gen.generate(PROMPTS[:2], 11, samplers, block_size=1, **kw)
     blk = gen.generate(PROMPTS[:2], 11, samplers, block_size=block, **kw)
     assert one.finish_reasons[0] == "stop" and one.finish_reasons[1] in ("length", "stop")
-    assert blk.tokens == one.tokens and blk.finish_reasons == one.finish_reasons
-    assert blk.positions == one.positions and blk.texts == one.texts
-    # the same per-token programs inside a loop: identical up to float32 reassociation
-    for a, b in zip(
-        jax.tree.leaves((blk.state, blk.penalty)),
-        jax.tree.leaves((one.state, one.penalty)),
-        strict=True,
-    ):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
-    np.testing.assert_allclose(blk.logits, one.logits, atol=2e-4)
+    _assert_same_generation(blk, one)
     with pytest.raises(InputError):
         gen.generate(PROMPTS[:1], 4, block_size=0)
 
@@ -506,16 +512,8 @@ def test_stop_strings_in_blocks_equal_token_by_token(model, monkeypatch):
     )
     assert one.finish_reasons[0] == "stop_string" and len(one.tokens[0]) == k + 1
     assert seen[:3] == [1, 16, k]  # one token, a block past the match, its replay to it
-    assert blk.tokens == one.tokens and blk.finish_reasons == one.finish_reasons
-    assert blk.positions == one.positions and blk.texts == one.texts
+    _assert_same_generation(blk, one)
     assert ["".join(streamed[b]) for b in (0, 1)] == blk.texts
-    for a, b in zip(
-        jax.tree.leaves((blk.state, blk.penalty)),
-        jax.tree.leaves((one.state, one.penalty)),
-        strict=True,
-    ):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
-    np.testing.assert_allclose(blk.logits, one.logits, atol=2e-4)
 
 
 @pytest.mark.parametrize(
