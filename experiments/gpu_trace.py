@@ -136,8 +136,8 @@ def profile(run, tokens: int, top: int, events_out: str | None = None, host_top:
 def _gemm(rows: int, n_embd: int, fused: bool = False):
     """A timed call of one bfloat16 [rows, C] x [C, 4C] product (the FFN key's shape in a
     prefill step), result back on the host: for `gemm:ROWS` cases (a library GEMM on GPUs) and
-    `fgemm:ROWS` (int8 weights scaled inside the product: XLA's own GEMM fusion, as the
-    prefill's dequantize-then-dot runs)."""
+    `fgemm:ROWS` (int8 weights scaled inside the product, as the prefill dequantizes before its
+    dots; on an H200 XLA still chose the library GEMM for it)."""
     x = jnp.ones((rows, n_embd), jnp.bfloat16)
     if fused:
         w = jnp.ones((n_embd, 4 * n_embd), jnp.int8)
@@ -214,7 +214,7 @@ def run_case(eng: JaxEngine, case: str, rng, label: str, a, index: int = 0) -> N
         run, tokens = functools.partial(eng.tg, first, n), B * n
     elif kind == "gemm":  # one XLA GEMM alone (cuBLAS on GPUs), as a prefill runs them
         run, tokens = _gemm(int(nums[0]), eng.config.n_embd), int(nums[0])
-    elif kind == "fgemm":  # the same with a dequantizing operand: XLA's GEMM fusion
+    elif kind == "fgemm":  # the same with a dequantizing operand
         run, tokens = _gemm(int(nums[0]), eng.config.n_embd, fused=True), int(nums[0])
     elif kind in ("cond", "big"):  # one feature of a prefill program alone
         run, tokens = _probe(kind, int(nums[0])), int(nums[0])

@@ -494,10 +494,10 @@ def test_gpu_trace_reads_host_events_from_a_trace(tmp_path):
 
     from experiments.gpu_trace import all_events, host_events
 
-    def traced_thrice(x):
+    def called_thrice(x):
         return jnp.sin(x) * 2
 
-    f = jax.jit(traced_thrice)
+    f = jax.jit(called_thrice)
     x = jnp.arange(8.0)
     f(x).block_until_ready()  # compiled outside the trace
     with jax.profiler.trace(str(tmp_path)):
@@ -508,11 +508,11 @@ def test_gpu_trace_reads_host_events_from_a_trace(tmp_path):
     starts = [e[3] for e in ev]
     assert starts == sorted(starts) and len(ev) > 3
     assert all(e[0].startswith("/") and e[4] >= 0 for e in ev)
-    calls = [e for e in ev if e[2] == "PjitFunction(traced_thrice)"]
+    calls = [e for e in ev if e[2] == "PjitFunction(called_thrice)"]
     # one event per call, or more where JAX nests its dispatch events (jax 0.10: two)
     assert calls and len(calls) % 3 == 0 and {e[0] for e in calls} == {"/host:CPU"}
     summary = host_events(xplane)
-    n, ns = summary["host:CPU: PjitFunction(traced_thrice)"]
+    n, ns = summary["host:CPU: PjitFunction(called_thrice)"]
     assert n == len(calls) and ns == sum(e[4] for e in calls)
 
 
