@@ -119,7 +119,7 @@ def run_shape(
         )
 
 
-PROBE_MODES = ("load", "i2f", "bits", "qx")
+PROBE_MODES = ("load", "i2f", "bits", "qx", "dp4a", "dp4a8")
 
 
 def load_probe(shape: tuple[int, int], view: str, spec: str, layers: int, mode: str = "load"):
@@ -128,7 +128,10 @@ def load_probe(shape: tuple[int, int], view: str, spec: str, layers: int, mode: 
     kernel of this launch shape and load width can reach); `i2f` unpacks both nibbles and
     converts them to float32 with the conversion instruction, `bits` with the 2^23 trick, both
     summed; `qx` multiplies the converted nibbles by x and sums each 32-value sub-block (the
-    factored kernel without its scales)."""
+    factored kernel without its scales); `dp4a` reads the bytes as 32-bit words, unpacks both
+    nibble planes four values at a time and takes their products with x as two int8 planes
+    (high and low byte) by 4-way integer dot products (PTX dp4a), summed per sub-block; `dp4a8`
+    does the same from the bytes as they are stored, each word put together in registers."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -139,9 +142,16 @@ def load_probe(shape: tuple[int, int], view: str, spec: str, layers: int, mode: 
     per = nb // parts
     width, dt = (128, jnp.uint8) if view == "u8" else (32, jnp.uint32)
     qs = jax.random.bits(jax.random.key(0), (layers, out, nb, width), dt)
-    if mode != "load":
+    if mode == "dp4a8":
+        qs = qs.reshape(layers, out, nb, 2, 2, 8, 4)
+    elif mode == "dp4a":
+        qs = jax.random.bits(jax.random.key(0), (layers, out, nb, 2, 2, 8), jnp.uint32)
+    elif mode != "load":
         qs = qs.reshape(layers, out, nb, 2, 2, 32)
-    x = jax.random.normal(jax.random.key(1), (nb, 2, 2, 2, 32), jnp.float32)
+    if mode.startswith("dp4a"):  # x as two planes of int8 words (high, low byte)
+        x = jax.random.bits(jax.random.key(1), (2, nb, 2, 2, 2, 8), jnp.uint32)
+    else:
+        x = jax.random.normal(jax.random.key(1), (nb, 2, 2, 2, 32), jnp.float32)
     tiles = out // t
 
     def to_f32(q):
@@ -158,6 +168,28 @@ def load_probe(shape: tuple[int, int], view: str, spec: str, layers: int, mode: 
             q = q_ref[layer, rows, k0 + s].astype(jnp.int32)
             if mode == "load":
                 return acc + jnp.sum(q, axis=-1).astype(jnp.float32)
+            if mode.startswith("dp4a"):
+                q = q_ref[layer, rows, k0 + s]
+                if mode == "dp4a8":  # [t, 2, 2, 8, 4] bytes -> [t, 2, 2, 8] words
+                    shift = 8 * lax.broadcasted_iota(jnp.int32, (1, 1, 1, 1, 4), 4)
+                    q = jnp.sum(q.astype(jnp.int32) << shift, axis=-1)
+                q = lax.bitcast_convert_type(q, jnp.int32)
+                for nib in range(2):
+                    qn = (q >> (4 * nib)) & 0x0F0F0F0F  # [t, 2, 2, 8] words of 4 nibbles
+                    sums = []
+                    for half, kind in ((0, "s32"), (1, "u32")):
+                        xw = lax.bitcast_convert_type(x_ref[half, k0 + s, :, :, nib], jnp.int32)
+                        (d,) = plgpu.elementwise_inline_asm(
+                            f"dp4a.u32.{kind} $0, $1, $2, $3;",
+                            args=[qn, jnp.broadcast_to(xw[None], qn.shape), jnp.zeros_like(qn)],
+                            constraints="=r,r,r,r",
+                            pack=1,
+                            result_shape_dtypes=[jax.ShapeDtypeStruct(qn.shape, jnp.int32)],
+                        )
+                        sums.append(jnp.sum(d, axis=-1).astype(jnp.float32))  # [t, 2, 2]
+                    f = sums[0] + sums[1] * (1 / 256)
+                    acc = acc + jnp.sum(jnp.sum(f, axis=-1), axis=-1)
+                return acc
             for nib in range(2):
                 f = to_f32((q >> (4 * nib)) & 0xF)  # [t, 2, 2, 32]
                 if mode == "qx":
