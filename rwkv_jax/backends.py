@@ -16,7 +16,10 @@ docs/backends.md): buffer donation (ignored, #20212), `lax.scan` (segfaults with
 indexing, #20750, #23931), unsigned integers (uint32 #24867, unsigned gather/argmax indices
 #21547, #21590), int4 (#21883) and RNG bit generators (rng_bit_generator's ui32, #24867).
 The same row is what a CPU run with `--profile metal-safe` executes, which is how the Metal
-code path is tested without a Mac (`make test-metal-safe`, jax 0.4.38).
+code path is tested without a Mac (`make test-metal-safe`, jax 0.4.38). The gpu row is the
+default one with the quants of Q4_K / Q6_K stored as 32-bit words (quant.Weight.WORD_FIELDS),
+which the CUDA decode kernels multiply by integer dot products (gpu_kernels.py); forced on the
+CPU it runs XLA's paths for those formats instead of the native kernels (which read bytes).
 """
 
 from __future__ import annotations
@@ -67,8 +70,10 @@ class Profile:
     # layer stacking when load() is not told: None = stack (scan over layers) when formats
     # allow; False = unrolled layers (no scan)
     stack_layers: bool | None
-    # packed uint8 block fields: "uint8" as stored, or "int8" (a zero-copy host view, unpacked
-    # with int32 arithmetic, bit-identical) for plugins without unsigned integer support
+    # packed uint8 block fields: "uint8" as stored, "int8" (a zero-copy host view, unpacked
+    # with int32 arithmetic, bit-identical) for plugins without unsigned integer support, or
+    # "uint32": the quants of Q4_K / Q6_K (Weight.WORD_FIELDS) as little-endian 32-bit words,
+    # split so at load, for the CUDA kernels' 4-way integer dot products (gpu_kernels.py)
     quant_bytes: str
     # decode matvec of packed weights: "platform" = dot on the CPU, fused multiply+reduce
     # elsewhere (lax.platform_dependent); "fused" = always the multiply+reduce (Metal's branch)
@@ -94,7 +99,19 @@ PROFILES: dict[str, Profile] = {
         dtype=None,
         prng_impl=None,
         decode_block=16,
-        why="CPU and CUDA: donated decode state, scanned prefill and layers, uint8 unpacking",
+        why="CPU: donated decode state, scanned prefill and layers, uint8 unpacking",
+    ),
+    "gpu": Profile(
+        name="gpu",
+        donate=True,
+        prefill_loop="scan",
+        stack_layers=None,
+        quant_bytes="uint32",
+        matvec="platform",
+        dtype=None,
+        prng_impl=None,
+        decode_block=16,
+        why="GPUs: as default, with the K-quants' quant bytes stored as 32-bit words",
     ),
     "metal-safe": Profile(
         name="metal-safe",
@@ -118,9 +135,9 @@ PROFILES: dict[str, Profile] = {
 # jax.default_backend() (lower-cased) -> profile; unknown platforms get "default"
 PLATFORM_PROFILES: dict[str, str] = {
     "cpu": "default",
-    "gpu": "default",
-    "cuda": "default",
-    "rocm": "default",
+    "gpu": "gpu",
+    "cuda": "gpu",
+    "rocm": "gpu",
     "tpu": "default",
     "metal": "metal-safe",  # jax-metal ("METAL") and metaljax ("metal")
     "mps": "metal-safe",  # jax-mps

@@ -7,6 +7,12 @@ registers, and apply it to every row:
 
 - 1..MAX_ROWS rows: float32 sums per row and sub-block with the scales factored out,
   acc[r, j] += d*sc[j] * sum(q * x[r]) - dmin*mn[j] * sum(x[r]) (FACTORED);
+- the same rows of bf16/f16 x where the quants are stored as 32-bit words (the "gpu" profile,
+  Weight.WORD_FIELDS): sum(q * x) as integer dot products — each program holds x per sub-block
+  as 16-bit integers (_split_plane: exact for every bfloat16 value from half the sub-block's
+  power-of-two scale up, within scale / 2 below) and sums q * w four quants per PTX dp4a,
+  exactly, in int32 (the float path executes ~9 thread instructions per weight: Nsight
+  Compute, BENCHMARKS.md);
 - up to MMA_MAX_ROWS rows of bf16/f16: each super-block's values rounded to x's dtype (as the
   XLA path's dequantize-then-dot rounds them) and multiplied on tensor cores, float32 sums.
 
@@ -15,7 +21,9 @@ planes of [2, 2, 32] values, Q6_K as two planes of [2, 2, 2, 16]. With float32 a
 the kernel picks x's matching plane itself (a strided load of x as it lies, widened in
 registers: no XLA kernel rearranges x before each call); the tensor-core kernel takes x
 rearranged plane-major with the rows last. Only the summation order differs from
-dequantize-then-dot.
+dequantize-then-dot. Over quants stored as words the float32-accumulator kernels see a word's
+four values on a trailing axis ([..., k, 4]) and the tensor-core kernel decodes 8 planes of 32
+values per super-block, one per nibble plane and byte position (x arranged to match).
 
 Grid: (row tiles of weight rows, SPLIT parts of the super-blocks); each program loops over its
 super-blocks and writes a partial [rows, M] sum that XLA adds up (or the consumer:
@@ -41,6 +49,14 @@ and value matvecs of a layer as one launch (`matmul_group`, 11 MB) take ~4.9 us 
 us apart; generation loop, H200, one call each: B=1 282.9 -> 299.5, B=4 681.9 -> 717.1, B=64
 5171.6 -> 5328.5 tok/s. Tests run the kernels in Pallas' interpreter on the CPU
 (`interpret=True`) and check their Triton lowering for CUDA.
+
+Integer dot products (quants as words, H200, 2.9b Q4_K_M; BENCHMARKS.md "Decode kernels under
+Nsight Compute"): per matrix at one row, all kernels of a product (`python -m
+experiments.gpu_sweep --configs 32:4:20`, RWKV_JAX_PROFILE=default -> gpu) r/k/v 12.58 -> 9.88,
+C x C 5.90 -> 5.22, FFN key 14.55 -> 11.70, FFN value 14.92 -> 12.99 (Q6_K 19.30 -> 16.46),
+head 104.8 -> 68.0 us; generation loop (gpu_trace tg:1:128) 451.2 -> 519.7 tok/s. x prepared
+by XLA kernels before each call instead made the kernels faster still (FFN key 8.78 us) but
+cost three launches per product (B = 1 456.0 -> 415.0 tok/s).
 """
 
 from __future__ import annotations
@@ -119,8 +135,7 @@ def supports(weight, rows: int, dtype=jnp.bfloat16) -> bool:
     """Whether `weight` (an unstacked quant.Weight) times `rows` activation rows of `dtype` runs
     here: MIN_ROWS..MAX_ROWS rows (float32 FMAs), or up to MMA_MAX_ROWS of bf16/f16 (tensor
     cores)."""
-    name = type(weight).__name__
-    if not ENABLED or name not in _FORMATS or rows < MIN_ROWS:
+    if not ENABLED or _format(weight) is None or rows < MIN_ROWS:
         return False
     mma = rows > MAX_ROWS
     if mma and (rows > MMA_MAX_ROWS or not _tensor_cores(jnp.dtype(dtype))):
@@ -186,7 +201,8 @@ def matmul_group(
     mma = rows > MAX_ROWS
     m = max(16, _pow2_at_least(rows)) if mma else _pow2_at_least(rows)
     nb = n_in // QK_K
-    fmt = _FORMATS[type(w0).__name__]
+    fmt = _format(w0)
+    ints = fmt.ints is not None and not mma and x0.dtype in INT_DOT_DTYPES
     stacked = layer is not None
     arrays = []
     for w, x in zip(weights, xs, strict=True):
@@ -201,7 +217,10 @@ def matmul_group(
         xv = xr.reshape(m, nb, *fmt.x_view)
         if mma:
             xv = jnp.moveaxis(xv, 2 + fmt.plane_axis, 2)  # [M, nb, 2 planes, *plane view]
-            xv = jnp.moveaxis(xv.reshape(m, nb, 2, QK_K // 2), 0, -1)
+            if fmt.byte_planes:  # words: per plane and byte position b ([.., k, b] -> b first)
+                xv = jnp.moveaxis(xv, -1, 3)
+            n_planes = 8 if fmt.byte_planes else 2
+            xv = jnp.moveaxis(xv.reshape(m, nb, n_planes, QK_K // n_planes), 0, -1)
         arrays.append(xv)
     wide = WIDE_ROWS if out >= WIDE_OUT else None
     tile = _row_tile(out, block_rows or (MMA_ROWS if mma else wide))
@@ -215,7 +234,7 @@ def matmul_group(
     shapes, dtypes = tuple(a.shape for a in one), tuple(a.dtype for a in one)
     warps, stages = (MMA_WARPS, MMA_STAGES) if mma else (NUM_WARPS, NUM_STAGES)
     launch = (tile, parts, num_warps or warps, num_stages or stages)
-    fact = FACTORED if factored is None else factored
+    fact = "ints" if ints else (FACTORED if factored is None else factored)
     call = _call(fmt, shapes, dtypes, m, out, nb, *launch, mma, fact, stacked, groups, interpret)
     if stacked:
         arrays.insert(0, jnp.asarray(layer, jnp.int32).reshape(1))
@@ -276,8 +295,9 @@ def _call(
         return pl.BlockSpec((tile, per, *shape[2:]), lambda i, k: (i % tiles, k, *zeros))
 
     group_specs = [field_spec(s) for s in shapes[:n_fields]]
-    if mma:  # x [nb, 2, 128, M]
-        group_specs.append(pl.BlockSpec((per, 2, QK_K // 2, m), lambda i, k: (k, 0, 0, 0)))
+    if mma:  # x [nb, planes, 256 / planes, M]
+        _, n_planes, plane_len, _ = shapes[-1]
+        group_specs.append(pl.BlockSpec((per, n_planes, plane_len, m), lambda i, k: (k, 0, 0, 0)))
     else:  # x [M, nb, *x view]
         zeros = (0,) * (len(shapes[-1]) - 2)
         group_specs.append(pl.BlockSpec((m, per, *shapes[-1][2:]), lambda i, k: (0, k, *zeros)))
@@ -304,18 +324,39 @@ def _call(
         *fields, x_ref = ins
         for k, (q, scale, offset) in enumerate(fmt.parts(get, *fields, s)):
             new = []
+            lead = scale.ndim - fmt.value_axes  # a sub-block's values: the trailing axes
+            scale, offset = (a.reshape(a.shape[:lead] + (1,)) for a in (scale, offset))
             for r, acc in enumerate(accs):
                 xk = x_plane(x_ref, r, s, k)  # [*plane view]
-                qx = jnp.sum(q * xk[None], axis=-1, keepdims=True)
-                xs = jnp.sum(xk, axis=-1, keepdims=True)[None]
+                qx, xs = q * xk[None], xk[None]
+                for _ in range(fmt.value_axes - 1):
+                    qx, xs = jnp.sum(qx, axis=-1), jnp.sum(xs, axis=-1)
+                qx = jnp.sum(qx, axis=-1, keepdims=True)
+                xs = jnp.sum(xs, axis=-1, keepdims=True)
                 new.append(acc + scale * qx - offset * xs)
+            accs = tuple(new)
+        return accs
+
+    def int_step(get, s, ins, accs):
+        # per row and sub-block: scale * sx * sum(q w) - offset * sum(x), with w x's 16-bit
+        # integer values (256 hi + lo, made here from x as it lies: _split_plane) and sum(q w)
+        # exact in int32 (dp4a)
+        *fields, x_ref = ins
+        for k, (q, scale, offset) in enumerate(fmt.ints(get, *fields, s)):
+            new = []
+            for r, acc in enumerate(accs):
+                hi, lo, sx, xs = _split_plane(x_plane(x_ref, r, s, k))
+                hi, lo = (jnp.broadcast_to(a[None], q.shape) for a in (hi, lo))
+                qw = jnp.sum(_dot4(q, hi, lo, interpret), axis=-1, keepdims=True)
+                new.append(acc + scale * (sx[None] * qw.astype(jnp.float32)) - offset * xs[None])
             accs = tuple(new)
         return accs
 
     def mma_step(get, s, ins, acc):
         *fields, x_ref = ins
-        for k, w in enumerate(fmt.planes(get, *fields, s)):
-            w = w.reshape(tile, QK_K // 2).astype(dtypes[-1])  # rounded as the XLA path does
+        planes = (fmt.byte_planes or fmt.planes)(get, *fields, s)
+        for k, w in enumerate(planes):
+            w = w.reshape(tile, QK_K // len(planes)).astype(dtypes[-1])  # rounded as XLA does
             acc = acc + jnp.dot(w, x_ref[s, k], preferred_element_type=jnp.float32)
         return acc
 
@@ -337,7 +378,7 @@ def _call(
 
         if groups == 1:
             return product(get, ins, o_ref)
-        n = n_fields + 1
+        n = len(shapes)  # one group's operands: fields, then x
         for g in range(groups):  # one branch runs: this program's group
             pl.when(pl.program_id(0) // tiles == g)(
                 functools.partial(product, get, ins[g * n : (g + 1) * n], o_ref)
@@ -347,8 +388,11 @@ def _call(
         # this program's [tile, M] partial product of one group
         if mma:
             init, step = jnp.zeros((tile, m), jnp.float32), mma_step
+        elif factored == "ints":
+            group = (tile, *fmt.int_view[:-1], 1)
+            init, step = tuple(jnp.zeros(group, jnp.float32) for _ in range(m)), int_step
         elif factored:
-            group = (tile, *fmt.plane_view[:-1], 1)
+            group = (tile, *fmt.plane_view[: len(fmt.plane_view) - fmt.value_axes], 1)
             init, step = tuple(jnp.zeros(group, jnp.float32) for _ in range(m)), factored_step
         else:
             init = tuple(jnp.zeros((tile, *fmt.plane_view), jnp.float32) for _ in range(m))
@@ -394,6 +438,24 @@ def _iota(shape: tuple[int, ...], axis: int) -> Array:
     return lax.broadcasted_iota(jnp.int32, (1, *shape), axis + 1)
 
 
+def _q4_k_scales(get, d_ref, dmin_ref, sc_ref, s) -> list[tuple[Array, Array]]:
+    """Q4_K super-block s: per nibble plane (scale, offset) float32 [tile, 2, 2] of the
+    sub-blocks j = 4h + 2p + nib (scale byte 4k + 2p' + par is sc[k, p', par])."""
+    d = get(d_ref, s).astype(jnp.float32)[:, None, None]  # [tile, 1, 1]
+    dmin = get(dmin_ref, s).astype(jnp.float32)[:, None, None]
+    hi = _iota((2, 1), 0) == 1  # sub-blocks 4..7 take their high scale bits from bytes 0-7
+    out = []
+    for nib in range(2):
+        # ggml get_scale_min_k4 for j = 4h + 2p + nib: bytes a = j mod 4, b = a + 4, c = a + 8
+        a = get(sc_ref, s, 0, slice(None), nib).astype(jnp.int32)[:, None, :]  # [tile, 1, 2]
+        b = get(sc_ref, s, 1, slice(None), nib).astype(jnp.int32)[:, None, :]
+        c = get(sc_ref, s, 2, slice(None), nib).astype(jnp.int32)[:, None, :]
+        sc = jnp.where(hi, (c & 0xF) | ((a >> 6) << 4), a & 63)  # [tile, 2, 2]
+        mn = jnp.where(hi, (c >> 4) | ((b >> 6) << 4), b & 63)
+        out.append((d * sc.astype(jnp.float32), dmin * mn.astype(jnp.float32)))
+    return out
+
+
 def _q4_k(get, *fields) -> list[Array]:
     """Q4_K super-block s as 2 nibble planes of float32 values [tile, 2, 2, 32] (_q4_k_parts)."""
     return [scale * q - offset for q, scale, offset in _q4_k_parts(get, *fields)]
@@ -404,60 +466,208 @@ def _q4_k_parts(get, d_ref, dmin_ref, sc_ref, qs_ref, s) -> list[tuple[Array, Ar
     values scale * q - offset.
 
     Value 32*j + l with sub-block j = 2*(2h + p) + nib sits in plane nib at [h, p, l]: the
-    nibble of qs byte 64h + 32p + l; scale byte 4k + 2p' + par is sc[k, p', par].
+    nibble of qs byte 64h + 32p + l.
     `get(ref, s, *rest)` loads this program's rows of super-block s (then `rest`) from a field.
     """
-    d = get(d_ref, s).astype(jnp.float32)[:, None, None]  # [tile, 1, 1]
-    dmin = get(dmin_ref, s).astype(jnp.float32)[:, None, None]
     qs = get(qs_ref, s).astype(jnp.int32)  # [tile, 2, 2, 32]
-    hi = _iota((2, 1), 0) == 1  # sub-blocks 4..7 take their high scale bits from bytes 0-7
-    planes = []
-    for nib in range(2):
-        # ggml get_scale_min_k4 for j = 4h + 2p + nib: bytes a = j mod 4, b = a + 4, c = a + 8
-        a = get(sc_ref, s, 0, slice(None), nib).astype(jnp.int32)[:, None, :]  # [tile, 1, 2]
-        b = get(sc_ref, s, 1, slice(None), nib).astype(jnp.int32)[:, None, :]
-        c = get(sc_ref, s, 2, slice(None), nib).astype(jnp.int32)[:, None, :]
-        sc = jnp.where(hi, (c & 0xF) | ((a >> 6) << 4), a & 63)  # [tile, 2, 2]
-        mn = jnp.where(hi, (c >> 4) | ((b >> 6) << 4), b & 63)
-        scale = (d * sc.astype(jnp.float32))[..., None]  # [tile, 2, 2, 1]
-        offset = (dmin * mn.astype(jnp.float32))[..., None]
-        planes.append((((qs >> (4 * nib)) & 0xF).astype(jnp.float32), scale, offset))
-    return planes
+    return [
+        (((qs >> (4 * nib)) & 0xF).astype(jnp.float32), scale[..., None], offset[..., None])
+        for nib, (scale, offset) in enumerate(_q4_k_scales(get, d_ref, dmin_ref, sc_ref, s))
+    ]
+
+
+def _word_bytes(w: Array, shift: int | Array, mask: int) -> Array:
+    """`(byte >> shift) & mask` of each byte of int32 words [..., n] -> [..., n, 4] (byte b of a
+    word is value 4k + b of its run)."""
+    return (w[..., None] >> (_byte_shifts(w.ndim + 1) + shift)) & mask
+
+
+def _byte_shifts(ndim: int) -> Array:
+    """8 b for the byte positions b of a word, int32 [1, ..., 1, 4] of `ndim` axes."""
+    return 8 * lax.broadcasted_iota(jnp.int32, (1,) * (ndim - 1) + (4,), ndim - 1)
+
+
+def _q4_k_words(get, *fields) -> list[Array]:
+    """Q4_K (qs as words) super-block s as 2 planes of float32 values [tile, 2, 2, 8, 4]."""
+    return [scale * q - offset for q, scale, offset in _q4_k_words_parts(get, *fields)]
+
+
+def _q4_k_words_parts(get, d_ref, dmin_ref, sc_ref, qs_ref, s):
+    """_q4_k_parts for qs as words [tile, 2, 2, 8]: q [tile, 2, 2, 8, 4], value 4k + b of a
+    run at [k, b]; scale, offset [tile, 2, 2, 1, 1]."""
+    qs = lax.bitcast_convert_type(get(qs_ref, s), jnp.int32)
+    return [
+        (
+            _word_bytes(qs, 4 * nib, 0xF).astype(jnp.float32),
+            sc[..., None, None],
+            mn[..., None, None],
+        )
+        for nib, (sc, mn) in enumerate(_q4_k_scales(get, d_ref, dmin_ref, sc_ref, s))
+    ]
+
+
+def _q4_k_ints(get, d_ref, dmin_ref, sc_ref, qs_ref, s) -> list[tuple[Array, Array, Array]]:
+    """Q4_K (qs as words) super-block s per nibble plane: q as int32 words of 4 nibbles (one
+    per byte) [tile, 2, 2, 8], scale and offset [tile, 2, 2, 1]."""
+    qs = lax.bitcast_convert_type(get(qs_ref, s), jnp.int32)
+    return [
+        ((qs >> (4 * nib)) & 0x0F0F0F0F, sc[..., None], mn[..., None])
+        for nib, (sc, mn) in enumerate(_q4_k_scales(get, d_ref, dmin_ref, sc_ref, s))
+    ]
+
+
+def _q4_k_byte_planes(get, d_ref, dmin_ref, sc_ref, qs_ref, s) -> list[Array]:
+    """Q4_K (qs as words) super-block s as 8 planes of float32 values [tile, 2, 2, 8]: nibble
+    plane nib, byte position b -> value 32*(2*(2h + p) + nib) + 4k + b at [h, p, k]."""
+    qs = lax.bitcast_convert_type(get(qs_ref, s), jnp.int32)
+    return [
+        sc[..., None] * ((qs >> (8 * b + 4 * nib)) & 0xF).astype(jnp.float32) - mn[..., None]
+        for nib, (sc, mn) in enumerate(_q4_k_scales(get, d_ref, dmin_ref, sc_ref, s))
+        for b in range(4)
+    ]
 
 
 def _q6_k(get, *fields) -> list[Array]:
-    """Q6_K super-block s as 2 planes of float32 values [tile, 2, 2, 2, 16] (_q6_k_ints)."""
-    return [scale * (q - 32).astype(jnp.float32) for q, scale in _q6_k_ints(get, *fields)]
+    """Q6_K super-block s as 2 planes of float32 values [tile, 2, 2, 2, 16] (_q6_k_values)."""
+    return [scale * (q - 32).astype(jnp.float32) for q, scale in _q6_k_values(get, *fields)]
 
 
 def _q6_k_parts(get, *fields) -> list[tuple[Array, Array, Array]]:
     """Q6_K super-block s as 2 planes (q, scale, offset): values scale * q - offset."""
-    return [(q.astype(jnp.float32), sc, 32.0 * sc) for q, sc in _q6_k_ints(get, *fields)]
+    return [(q.astype(jnp.float32), sc, 32.0 * sc) for q, sc in _q6_k_values(get, *fields)]
 
 
-def _q6_k_ints(get, ql_ref, qh_ref, sc_ref, d_ref, s) -> list[tuple[Array, Array]]:
+def _q6_k_scales(get, sc_ref, d_ref, s) -> list[Array]:
+    """Q6_K super-block s: per plane n the float32 scales [tile, 2h, 2c, 2u] (8h + 2(2n + c) +
+    u)."""
+    d = get(d_ref, s).astype(jnp.float32)[:, None, None, None]  # [tile, 1, 1, 1]
+    return [d * get(sc_ref, s, slice(None), n).astype(jnp.float32) for n in range(2)]
+
+
+def _q6_k_values(get, ql_ref, qh_ref, sc_ref, d_ref, s) -> list[tuple[Array, Array]]:
     """Q6_K super-block s as 2 planes (unsigned q int32 [tile, 2, 2, 2, 16], float32 scale
     [tile, 2, 2, 2, 1]): values scale * (q - 32).
 
     Value 128h + 32(2n + c) + 16u + t sits in plane n at [h, c, u, t]: ql byte 64h + 32c + 16u
     + t (nibble n), qh byte 32h + 16u + t (bits 2(2n + c)), scale 8h + 2(2n + c) + u.
     """
-    d = get(d_ref, s).astype(jnp.float32)[:, None, None, None]  # [tile, 1, 1, 1]
     ql = get(ql_ref, s).astype(jnp.int32)  # [tile, 2h, 2c, 2u, 16]
     qh = get(qh_ref, s).astype(jnp.int32)[:, :, None]  # [tile, 2h, 1, 2u, 16]
     c2 = 2 * _iota((2, 2, 1, 1), 1)  # 2c
-    planes = []
-    for n in range(2):
-        q = ((ql >> (4 * n)) & 0xF) | (((qh >> (4 * n + c2)) & 3) << 4)
-        sc = get(sc_ref, s, slice(None), n).astype(jnp.float32)  # [tile, 2h, 2c, 2u]
-        planes.append((q, (d * sc)[..., None]))
-    return planes
+    return [
+        (((ql >> (4 * n)) & 0xF) | (((qh >> (4 * n + c2)) & 3) << 4), sc[..., None])
+        for n, sc in enumerate(_q6_k_scales(get, sc_ref, d_ref, s))
+    ]
+
+
+def _q6_k_words(get, *fields) -> list[Array]:
+    """Q6_K (ql, qh as words) super-block s as 2 planes of float32 values [tile, 2, 2, 2, 4, 4]."""
+    return [scale * q - offset for q, scale, offset in _q6_k_words_parts(get, *fields)]
+
+
+def _q6_k_words_parts(get, ql_ref, qh_ref, sc_ref, d_ref, s):
+    """_q6_k_parts for ql, qh as words (ql [tile, 2h, 2c, 2u, 4], qh [tile, 2h, 2u, 4]): q
+    [tile, 2, 2, 2, 4, 4], value 16u + 4k + b of a run at [k, b]; scale, offset [..., 1, 1]."""
+    ql = lax.bitcast_convert_type(get(ql_ref, s), jnp.int32)
+    qh = lax.bitcast_convert_type(get(qh_ref, s), jnp.int32)[:, :, None]
+    c2 = 2 * _iota((2, 2, 1, 1, 1), 1)  # 2c, broadcast over [2h, 2c, 2u, 4, 4]
+    out = []
+    for n, sc in enumerate(_q6_k_scales(get, sc_ref, d_ref, s)):
+        q = _word_bytes(ql, 4 * n, 0xF) | (_word_bytes(qh, 4 * n + c2, 3) << 4)
+        sc = sc[..., None, None]
+        out.append((q.astype(jnp.float32), sc, 32.0 * sc))
+    return out
+
+
+def _q6_k_byte_planes(get, ql_ref, qh_ref, sc_ref, d_ref, s) -> list[Array]:
+    """Q6_K (ql, qh as words) super-block s as 8 planes of float32 values [tile, 2, 2, 2, 4]:
+    plane n, byte position b -> value 128h + 32(2n + c) + 16u + 4k + b at [h, c, u, k]."""
+    ql = lax.bitcast_convert_type(get(ql_ref, s), jnp.int32)
+    qh = lax.bitcast_convert_type(get(qh_ref, s), jnp.int32)[:, :, None]
+    c2 = 2 * _iota((2, 2, 1, 1), 1)
+    out = []
+    for n, sc in enumerate(_q6_k_scales(get, sc_ref, d_ref, s)):
+        for b in range(4):
+            sh = 8 * b + 4 * n
+            q = ((ql >> sh) & 0xF) | (((qh >> (sh + c2)) & 3) << 4)
+            out.append(sc[..., None] * (q - 32).astype(jnp.float32))
+    return out
+
+
+def _q6_k_ints(get, ql_ref, qh_ref, sc_ref, d_ref, s) -> list[tuple[Array, Array, Array]]:
+    """Q6_K (ql, qh as words) super-block s per plane: q as int32 words of four 6-bit values
+    [tile, 2h, 2c, 2u, 4], scale and offset (32 scale) [tile, 2, 2, 2, 1]."""
+    ql = lax.bitcast_convert_type(get(ql_ref, s), jnp.int32)
+    qh = lax.bitcast_convert_type(get(qh_ref, s), jnp.int32)[:, :, None]
+    c2 = 2 * _iota((2, 2, 1, 1), 1)
+    out = []
+    for n, sc in enumerate(_q6_k_scales(get, sc_ref, d_ref, s)):
+        q = ((ql >> (4 * n)) & 0x0F0F0F0F) | (((qh >> (4 * n + c2)) & 0x03030303) << 4)
+        out.append((q, sc[..., None], 32.0 * sc[..., None]))
+    return out
+
+
+def _dot4(q: Array, hi: Array, lo: Array, interpret: bool) -> Array:
+    """Per int32 word: sum over its 4 bytes of q_b * (256 hi_b + lo_b), q and lo unsigned
+    bytes, hi signed (PTX dp4a twice; exact in int32 for the kernels' ranges). Pallas'
+    interpreter runs the same arithmetic unpacked."""
+    if interpret:
+        q, lo = (_word_bytes(a, 0, 0xFF) for a in (q, lo))
+        hi = (hi[..., None] << (24 - _byte_shifts(hi.ndim + 1))) >> 24  # sign-extended bytes
+        return jnp.sum(q * (256 * hi + lo), axis=-1)
+    from jax.experimental.pallas import triton as plgpu
+
+    (d,) = plgpu.elementwise_inline_asm(
+        "{ .reg .s32 t; dp4a.u32.s32 t, $1, $2, 0; shl.b32 t, t, 8; dp4a.u32.u32 $0, $1, $3, t; }",
+        args=[q, hi, lo],
+        constraints="=r,r,r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(q.shape, jnp.int32)],
+    )
+    return d
+
+
+# x dtypes whose products at <= MAX_ROWS rows take the integer dot products where the quants
+# are words (_split_plane holds their values exactly from half a sub-block's scale up; float32
+# x keeps the float kernels: its 24-bit values would lose bits). RWKV_JAX_INT_DOT=0: never.
+INT_DOT_DTYPES = (
+    (jnp.bfloat16, jnp.float16) if os.environ.get("RWKV_JAX_INT_DOT", "1") != "0" else ()
+)
+
+
+def _split_plane(x: Array) -> tuple[Array, Array, Array, Array]:
+    """One plane of x (float32 [..., k, 4]: a sub-block of 4k values on the last two axes) as
+    16-bit integers for the dot products -> (hi, lo int32 words [..., k], scale, sum float32
+    [..., 1]).
+
+    Per sub-block a power of two s > max|x| / 127 (s = 2^(e + 1) from the exponent field e of
+    max|x| / 127, at least 2^-99) and w = round(256 x / s), |w| <= 256 * 127, split as 256 hi +
+    lo: hi the signed and lo the unsigned low byte, four of each per little-endian word (value
+    4k + b in byte b). scale = s / 256, so x ~ scale * w within scale / 2, and exactly for every
+    x whose last significant bit is >= scale (every bfloat16 x >= s / 2). sum: the float32 sum
+    of the sub-block's x, for the offsets' term. A sub-block holding an inf or NaN gets a NaN
+    scale, so the product is NaN as with the float kernels. Bit operations only: each program
+    runs this on the planes it multiplies (no XLA kernel prepares x)."""
+    amax = jnp.max(jnp.max(jnp.abs(x), axis=-1, keepdims=True), axis=-2, keepdims=True)
+    field = (lax.bitcast_convert_type(amax * (1 / 127), jnp.int32) >> 23) & 0xFF
+    field = jnp.clip(field, 27, 248) + 1  # s = 2^(field - 127)
+    s = lax.bitcast_convert_type(field << 23, jnp.float32)
+    inv = lax.bitcast_convert_type((262 - field) << 23, jnp.float32)  # 256 / s
+    w = jnp.floor(x * inv + 0.5).astype(jnp.int32)
+    shift = _byte_shifts(w.ndim)
+    hi = jnp.sum(((w >> 8) & 0xFF) << shift, axis=-1)  # disjoint bytes: the sum is an or
+    lo = jnp.sum((w & 0xFF) << shift, axis=-1)
+    scale = jnp.where(amax < jnp.inf, s * (1 / 256), jnp.nan)[..., 0]  # NaN for inf / NaN
+    total = jnp.sum(jnp.sum(x, axis=-1), axis=-1, keepdims=True)
+    return hi, lo, scale, total
 
 
 class _Format(NamedTuple):
     """A kernel's format: name, plane decoder (values, or factored: q, scale, offset per plane),
     weight fields with their per-super-block views,
-    x's natural view of a super-block, which axis of it picks the plane, and the plane view."""
+    x's natural view of a super-block, which axis of it picks the plane, and the plane view;
+    value_axes: the trailing axes of a plane view one sub-block spans; ints (quants as words):
+    per plane (q words, scale, offset), int_view: a plane's word view."""
 
     name: str
     planes: Callable[..., list[Array]]
@@ -466,19 +676,38 @@ class _Format(NamedTuple):
     x_view: tuple[int, ...]
     plane_axis: int
     plane_view: tuple[int, ...]
+    value_axes: int = 1
+    ints: Callable[..., list[tuple[Array, Array, Array]]] | None = None
+    int_view: tuple[int, ...] = ()
+    # words: the tensor-core kernel's planes, one per (plane, byte position) (x_view's last axis)
+    byte_planes: Callable[..., list[Array]] | None = None
 
 
+_Q4_K_SCALES = ("d", ()), ("dmin", ()), ("scales", (3, 2, 2))
 _FORMATS = {
-    "Q4_K": _Format(
+    ("Q4_K", "bytes"): _Format(
         "q4_k",
         _q4_k,
         _q4_k_parts,
-        (("d", ()), ("dmin", ()), ("scales", (3, 2, 2)), ("qs", (2, 2, 32))),
+        (*_Q4_K_SCALES, ("qs", (2, 2, 32))),
         (2, 2, 2, 32),  # x [h, p, nib, l]: value 32*(2*(2h + p) + nib) + l
         2,
         (2, 2, 32),
     ),
-    "Q6_K": _Format(
+    ("Q4_K", "words"): _Format(
+        "q4_k",
+        _q4_k_words,
+        _q4_k_words_parts,
+        (*_Q4_K_SCALES, ("qs", (2, 2, 8))),
+        (2, 2, 2, 8, 4),  # x [h, p, nib, k, b]: value 32*(2*(2h + p) + nib) + 4k + b
+        2,
+        (2, 2, 8, 4),
+        value_axes=2,
+        ints=_q4_k_ints,
+        int_view=(2, 2, 8),
+        byte_planes=_q4_k_byte_planes,
+    ),
+    ("Q6_K", "bytes"): _Format(
         "q6_k",
         _q6_k,
         _q6_k_parts,
@@ -487,4 +716,29 @@ _FORMATS = {
         1,
         (2, 2, 2, 16),
     ),
+    ("Q6_K", "words"): _Format(
+        "q6_k",
+        _q6_k_words,
+        _q6_k_words_parts,
+        (("ql", (2, 2, 2, 4)), ("qh", (2, 2, 4)), ("scales", (2, 2, 2, 2)), ("d", ())),
+        (2, 2, 2, 2, 4, 4),  # x [h, n, c, u, k, b]: value 128h + 32(2n + c) + 16u + 4k + b
+        1,
+        (2, 2, 2, 4, 4),
+        value_axes=2,
+        ints=_q6_k_ints,
+        int_view=(2, 2, 2, 4),
+        byte_planes=_q6_k_byte_planes,
+    ),
 }
+
+
+def _format(weight) -> _Format | None:
+    """The kernel format of a packed weight (its quants as bytes or as uint32 words), or None."""
+    name = type(weight).__name__
+    if (name, "bytes") not in _FORMATS:
+        return None
+    words = all(
+        jnp.dtype(getattr(weight, f).dtype) == jnp.uint32
+        for f in getattr(weight, "WORD_FIELDS", ())
+    )
+    return _FORMATS[(name, "words" if words else "bytes")]

@@ -3,7 +3,10 @@
 One final class per ggml type. Each holds a 2-D weight of PyTorch shape (out, in) (ggml ne =
 [in, out]): a row is `in` contiguous values made of `in / BLOCK_ELEMS` blocks. The block bytes are
 split into the fields of the ggml C struct once at load (on the device: upload.py), so the
-dequantizing code only shifts and masks integers and multiplies floats — no bitcasts.
+dequantizing code only shifts and masks integers and multiplies floats — no bitcasts. Under the
+gpu profile the quant bytes of Q4_K / Q6_K (WORD_FIELDS) are stored as little-endian uint32
+words (the GPU kernels' integer dot products take four quants per word); `_unwords` gives XLA's
+paths their bytes back.
 Block layouts: docs/rwkv7-spec.md §3 and ggml `src/ggml-common.h`.
 """
 
@@ -40,6 +43,16 @@ QK_K = 256  # elements in a K-quant super-block
 def _bytes(a: Array) -> Array:
     """Byte values of a packed u8 field: uint8 as stored, or int32 0..255 from an int8 view."""
     return (a.astype(jnp.int32) & 0xFF) if a.dtype == jnp.int8 else a
+
+
+def _unwords(a: Array) -> Array:
+    """A quant byte field as bytes [..., 4n]: as stored, or from the gpu profile's
+    little-endian 32-bit words [..., n] (Weight.WORD_FIELDS)."""
+    if a.dtype != jnp.uint32:
+        return a
+    shifts = jnp.arange(0, 32, 8, dtype=jnp.uint32).reshape((1,) * a.ndim + (4,))
+    b = (a[..., None] >> shifts) & 0xFF
+    return b.astype(jnp.uint8).reshape(a.shape[:-1] + (4 * a.shape[-1],))
 
 
 def _split_bits(a: Array, shifts: tuple[int, ...], mask: int, axis: int) -> Array:
@@ -105,6 +118,9 @@ class Weight(eqx.Module):
     GGML_TYPE: ClassVar[GGMLQuantizationType]
     BLOCK: ClassVar[np.dtype]  # one block as a numpy structured dtype (the ggml C struct)
     BLOCK_ELEMS: ClassVar[int]  # values per block
+    # byte members the gpu profile stores as little-endian uint32 words (raw_layout): the GPU
+    # kernels' integer dot products take four quants per word
+    WORD_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def _decode(self) -> Array:
@@ -211,8 +227,12 @@ def field_dtype(base: np.dtype) -> np.dtype:
 
 
 def raw_layout(cls: type[Weight]) -> upload.Layout:
-    """How `cls`'s block bytes split into its fields on the device, under the current profile."""
-    return upload.layout(cls.BLOCK, field_dtype(np.dtype(np.uint8)))
+    """How `cls`'s block bytes split into its fields on the device, under the current profile
+    (uint8 / int8 bytes; the gpu profile stores cls.WORD_FIELDS as uint32 words)."""
+    lay = upload.layout(cls.BLOCK, field_dtype(np.dtype(np.uint8)))
+    if backends.current_profile().quant_bytes == "uint32" and cls.WORD_FIELDS:
+        lay = upload.as_words(lay, cls.WORD_FIELDS)
+    return lay
 
 
 class _Blocked(Weight):
@@ -606,11 +626,12 @@ class Q4_K(_Blocked):
     GGML_TYPE = GGMLQuantizationType.Q4_K
     BLOCK = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qs", "u1", (128,))])
     BLOCK_ELEMS = QK_K
+    WORD_FIELDS = ("qs",)
 
     def _blocks(self) -> Array:
         """Dequantize super-blocks -> [..., nb, 256]."""
         dl, ml = _q45k_scales(self.d, self.dmin, self.scales)  # [..., nb, 8, 1]
-        q = _f32(_q4k_nibbles(self.qs))  # [..., nb, 8, 32]
+        q = _f32(_q4k_nibbles(_unwords(self.qs)))  # [..., nb, 8, 32]
         return _flatten_last(dl * q - ml, 2)
 
 
@@ -655,16 +676,18 @@ class Q6_K(_Blocked):
         [("ql", "u1", (128,)), ("qh", "u1", (64,)), ("scales", "i1", (16,)), ("d", "<f2")]
     )
     BLOCK_ELEMS = QK_K
+    WORD_FIELDS = ("ql", "qh")
 
     def _blocks(self) -> Array:
         """Dequantize super-blocks -> [..., nb, 256]."""
         # low nibbles: per half of 128, [2 (low/high nibble), 64 (ql bytes)] = 4 runs of 32,
         # run c = 2*nibble + (l >= 32) -> [..., 2, 2, 64] -> [..., 8, 32]
-        ql = self.ql.reshape(self.ql.shape[:-1] + (2, 64))
+        ql, qh = _unwords(self.ql), _unwords(self.qh)
+        ql = ql.reshape(ql.shape[:-1] + (2, 64))
         lo = _split_bits(ql, (0, 4), 0xF, axis=-2)
         lo = lo.reshape(lo.shape[:-3] + (8, 32))
         # high crumbs: per half, qh[32*half + l] >> 2c -> [..., 2, 4, 32] -> [..., 8, 32]
-        hi = _crumbs(self.qh.reshape(self.qh.shape[:-1] + (2, 32)))
+        hi = _crumbs(qh.reshape(qh.shape[:-1] + (2, 32)))
         hi = hi.reshape(hi.shape[:-3] + (8, 32))
         q = (lo | (hi << 4)).astype(jnp.int8) - 32  # [..., nb, 8, 32] in -32..31
         q = q.reshape(q.shape[:-2] + (16, 16))

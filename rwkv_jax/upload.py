@@ -60,6 +60,16 @@ def layout(block: np.dtype, u8_as: np.dtype) -> Layout:
     return Layout(tuple(fields), block.itemsize, np.dtype(u8_as).name)
 
 
+def as_words(lay: Layout, names: tuple[str, ...]) -> Layout:
+    """`lay` with byte members `names` stored as little-endian uint32 words ([n / 4] per block;
+    `_field` bitcasts them)."""
+    fields = tuple(
+        f._replace(shape=(f.nbytes // 4,), dtype="uint32") if f.name in names else f
+        for f in lay.fields
+    )
+    return lay._replace(fields=fields)
+
+
 def to_device(raw: np.ndarray, lay: Layout) -> Array:
     """Copy one tensor's bytes [..., rows, row_bytes] (e.g. an mmap view) to the default device.
 

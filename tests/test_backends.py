@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -45,15 +46,22 @@ def test_profile_table_is_consistent():
     """Each row uses known values; every Metal platform name maps to metal-safe."""
     for name, p in backends.PROFILES.items():
         assert p.name == name
-        assert p.prefill_loop in ("scan", "host") and p.quant_bytes in ("uint8", "int8")
+        assert p.prefill_loop in ("scan", "host")
+        assert p.quant_bytes in ("uint8", "int8", "uint32")
         assert p.matvec in ("platform", "fused") and p.stack_layers in (None, False, True)
     safe = backends.PROFILES["metal-safe"]
     assert not safe.donate and safe.prefill_loop == "host" and safe.quant_bytes == "int8"
     assert safe.prng_impl == "threefry2x32"  # rng_bit_generator's ui32 fails on jax-metal
     for name in ("METAL", "metal", "mps", "mtl"):
         assert backends.profile_for_platform(name) is safe
-    for name in ("cpu", "gpu", "cuda", "something-new"):
+    for name in ("cpu", "tpu", "something-new"):
         assert backends.profile_for_platform(name).name == "default"
+    for name in ("gpu", "cuda", "rocm"):  # quants as words for the GPU kernels, else default
+        gpu = backends.profile_for_platform(name)
+        assert gpu.name == "gpu" and gpu.quant_bytes == "uint32"
+        assert gpu == dataclasses.replace(
+            backends.PROFILES["default"], name="gpu", quant_bytes="uint32", why=gpu.why
+        )
 
 
 def test_set_profile_and_env(profile, monkeypatch):

@@ -9,10 +9,31 @@ import numpy as np
 import pytest
 from jax import export
 
-from rwkv_jax import gpu_kernels, quant
+from rwkv_jax import backends, gpu_kernels, quant
 from tests.test_quant import _bound_matrix, _random_raw, _reference
 
 KERNEL_FORMATS = [quant.Q4_K, quant.Q6_K]
+
+
+@pytest.fixture(params=["bytes", "words"])
+def layout(request):
+    """Weights built in the test store their quants as bytes (default profile) or as uint32
+    words (the gpu profile: integer dot products for bf16 x at <= MAX_ROWS rows)."""
+    before = backends.requested_profile()
+    backends.set_profile("gpu" if request.param == "words" else "default")
+    yield request.param
+    backends.set_profile(before)
+
+
+def _x_scales(x: np.ndarray, cls) -> np.ndarray:
+    """_split_plane's s per element of x [rows, n] (sub-blocks of 32 values for Q4_K, 16 for
+    Q6_K): 2^(e + 1) for the exponent e of max|x| / 127 in float32, within [2^-99, 2^122]."""
+    block = 32 if cls is quant.Q4_K else 16
+    rows, n = x.shape
+    amax = np.abs(x.astype(np.float32)).reshape(rows, n // block, block).max(-1)
+    _, e = np.frexp(amax * np.float32(1 / 127))  # y = m 2^e, m in [0.5, 1): s = 2^e
+    s = np.ldexp(1.0, np.clip(np.where(amax > 0, e, -99), -99, 122))  # 0: the smallest s
+    return np.repeat(s, block, axis=-1)
 
 
 @pytest.mark.parametrize("cls", KERNEL_FORMATS, ids=lambda c: c.__name__)
@@ -21,10 +42,12 @@ KERNEL_FORMATS = [quant.Q4_K, quant.Q6_K]
 )
 @pytest.mark.parametrize("factored", [False, True], ids=["elementwise", "factored"])
 @pytest.mark.parametrize("x_dtype", [np.float32, jnp.bfloat16], ids=["x_f32", "x_bf16"])
-def test_matvec_matches_float64(cls, rows, split, tile, factored, x_dtype):
+def test_matvec_matches_float64(cls, rows, split, tile, factored, x_dtype, layout):
     """Kernel vs float64 x @ deq^T, within the float32 summation bound of its own terms (both
     accumulations: the factored one never forms a value, so it also differs from ggml's rounded
-    values by <= u |value x| per term — inside the same 2n-term bound)."""
+    values by <= u |value x| per term — inside the same 2n-term bound). Quants as words with
+    bf16 x take the integer dot products: x is then held as w s / 256 with |x - w s / 256| <=
+    s / 512 (s: _split_plane's scale of its sub-block), which adds at most sum |terms| s / 512."""
     rng = np.random.default_rng(700 + rows + 10 * split + int(cls.GGML_TYPE))
     shape = (64, 1280)  # 5 super-blocks per row: split 2 falls back to 1, split 5 is one each
     raw = _random_raw(cls, shape, rng)
@@ -42,14 +65,21 @@ def test_matvec_matches_float64(cls, rows, split, tile, factored, x_dtype):
     # float32 products and sums of n terms (two per element for Q4_K's scale and offset parts):
     # |error| <= 2n u/(1 - 2n u) * sum |terms| + u |result| (Higham's bound for a sum; u = 2^-24)
     n, u = 2 * shape[1], 2.0**-24
-    bound = n * u / (1 - n * u) * (np.abs(x) @ _bound_matrix(cls, raw, shape).T) + u * np.abs(want)
+    terms = _bound_matrix(cls, raw, shape).T
+    ints = layout == "words" and x_dtype == jnp.bfloat16
+    err_x = _x_scales(x, cls) / 512 if ints else 0 * x  # the integer planes' rounding of x
+    # the float32 terms now multiply x's integer value: |x| + err_x bounds it
+    bound = n * u / (1 - n * u) * ((np.abs(x) + err_x) @ terms) + u * np.abs(want)
+    bound = bound + err_x @ terms
     assert got.shape == (rows, shape[0]) and got.dtype == np.float32
     assert np.all(np.abs(got - want) <= bound)
+    if ints:  # the x term is the bound that matters, and it is not vacuous
+        assert np.all(err_x @ terms < 1e-3 * (np.abs(x) @ terms))
 
 
 @pytest.mark.parametrize("cls", KERNEL_FORMATS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize(("rows", "split"), [(5, 1), (16, 5), (64, 2), (40, None)])
-def test_mma_matches_rounded_weights(cls, rows, split):
+def test_mma_matches_rounded_weights(cls, rows, split, layout):
     """Tensor-core path (bf16 x, > MAX_ROWS rows): the XLA path's numbers — weights rounded to
     bf16, float32 accumulation — against float64 on the same rounded values. split None: the
     launch's own choice of parts (_mma_parts at 64 padded rows)."""
@@ -92,12 +122,13 @@ def test_mma_parts():
 
 @pytest.mark.parametrize("cls", KERNEL_FORMATS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize(("rows", "stacked"), [(1, True), (3, False), (16, True), (8, False)])
-def test_group_equals_separate_products(cls, rows, stacked):
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16], ids=["x_f32", "x_bf16"])
+def test_group_equals_separate_products(cls, rows, stacked, x_dtype, layout):
     """Three products in one launch (matmul_group) give exactly the three separate launches'
     results: each program runs one group's loads and arithmetic."""
     rng = np.random.default_rng(950 + rows + int(stacked) + int(cls.GGML_TYPE))
     shape = (48, 768)  # 16-row tiles, 3 row tiles per group
-    dtype = jnp.bfloat16 if rows > gpu_kernels.MAX_ROWS else jnp.float32
+    dtype = jnp.bfloat16 if rows > gpu_kernels.MAX_ROWS else x_dtype
     xs = [jnp.asarray(rng.standard_normal((rows, shape[1])), dtype) for _ in range(3)]
     if stacked:  # layer 1 of three stacks of two layers each
         stacks = [
@@ -146,14 +177,14 @@ def test_matvec_keeps_leading_axes_and_row_tiles():
 
 @pytest.mark.parametrize("cls", KERNEL_FORMATS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize(("rows", "split"), [(2, 1), (4, 5), (16, 2)])
-def test_stacked_layer_equals_its_slice(cls, rows, split):
+def test_stacked_layer_equals_its_slice(cls, rows, split, layout):
     """Layer i read in place from a stack (`layer=i`) gives exactly the unstacked layer's
     result: the same loads and arithmetic at an offset."""
     rng = np.random.default_rng(900 + rows + split + int(cls.GGML_TYPE))
     shape = (64, 1280)
     ws = [cls.from_raw(_random_raw(cls, shape, rng), shape) for _ in range(3)]
     stack = quant.stack(ws)
-    dtype = jnp.bfloat16 if rows > gpu_kernels.MAX_ROWS else jnp.float32
+    dtype = jnp.bfloat16 if rows > gpu_kernels.MAX_ROWS or layout == "words" else jnp.float32
     x = jnp.asarray(rng.standard_normal((rows, shape[1])), dtype)
     for i in range(3):
         kw = dict(interpret=True, split=split)
@@ -185,15 +216,21 @@ def test_supports():
     ("rows", "split", "factored"),
     [(1, 1, 0), (3, 4, 0), (8, 4, 0), (64, 1, 0), (1, 2, 1), (4, 1, 1)],
 )
-def test_lowers_to_triton_for_cuda(cls, rows, split, factored):
-    """The kernels pass Pallas' Triton lowering (power-of-two tensors, supported ops) for CUDA."""
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32], ids=["x_bf16", "x_f32"])
+def test_lowers_to_triton_for_cuda(cls, rows, split, factored, x_dtype, layout):
+    """The kernels pass Pallas' Triton lowering (power-of-two tensors, supported ops) for CUDA;
+    over words with bf16 x at <= MAX_ROWS rows the integer path's dp4a is in the kernel."""
+    if x_dtype == jnp.float32 and rows > gpu_kernels.MAX_ROWS:
+        pytest.skip("tensor cores take bf16/f16 x")
     shape = (2560, 1024)
     w = cls.from_raw(_random_raw(cls, shape, np.random.default_rng(7)), shape)
-    x = jnp.ones((rows, shape[1]), jnp.bfloat16)
+    x = jnp.ones((rows, shape[1]), x_dtype)
     f = jax.jit(lambda w, x: gpu_kernels.matmul(w, x, split=split, factored=bool(factored)))
     allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     text = export.export(f, platforms=["cuda"], disabled_checks=allow)(w, x).mlir_module()
     assert text.count("__gpu$xla.gpu.triton") == 1
+    ints = layout == "words" and x_dtype == jnp.bfloat16 and rows <= gpu_kernels.MAX_ROWS
+    assert ("dp4a" in text) == ints
 
 
 @pytest.mark.parametrize("rows", [3, 16])
@@ -297,3 +334,56 @@ def test_tensor_core_path_needs_a_capable_card(monkeypatch):
     assert gpu_kernels.supports(w, 2, jnp.bfloat16)  # float32 FMAs run on any card
     monkeypatch.setattr(jax, "devices", lambda *a: [Card("9.0")])
     assert gpu_kernels.supports(w, 8, jnp.bfloat16)
+
+
+def test_split_plane_holds_x():
+    """_split_plane: x per sub-block as s / 256 * (256 hi + lo), within s / 512 everywhere and
+    exact for every bfloat16 value >= s / 2; float32 sums; an inf or NaN makes its sub-block's
+    scale NaN and leaves the others alone; a zero sub-block is all zeros."""
+    rng = np.random.default_rng(30)
+    # 12 sub-blocks of 32 values [12, 8 words, 4 bytes], magnitudes 1e-30 .. 1e30, one zero
+    mag = 10.0 ** rng.uniform(-30, 30, (12, 1, 1))
+    x = (rng.standard_normal((12, 8, 4)) * mag).astype(jnp.bfloat16).astype(np.float32)
+    x[3] = 0.0
+    x[5, 2, 1] = 127.0 * 2.0**-20  # max|x| / 127 a power of two: s is twice it
+    hi, lo, scale, total = (np.asarray(a) for a in gpu_kernels._split_plane(jnp.asarray(x)))
+    assert hi.shape == lo.shape == (12, 8) and scale.shape == total.shape == (12, 1)
+
+    def unpack(words, signed):
+        b = (words[..., None].astype(np.int64) >> (8 * np.arange(4))) & 0xFF
+        return np.where(b > 127, b - 256, b) if signed else b
+
+    w = 256 * unpack(hi, True) + unpack(lo, False)  # [12, 8, 4]
+    s = _x_scales(x.reshape(1, -1), quant.Q4_K).reshape(12, 32)[:, :1]  # per sub-block
+    np.testing.assert_array_equal(scale, (s / 256).astype(np.float32))
+    held = scale[:, :, None].astype(np.float64) * w
+    err = np.abs(held - x)
+    assert np.all(err <= scale[:, :, None] / 2)
+    big = np.abs(x) >= s[:, :, None] / 2
+    assert big.sum() > 200 and np.all(err[big] == 0)
+    assert np.all(w[3] == 0) and np.all(np.abs(w) <= 256 * 127)
+    np.testing.assert_allclose(total[:, 0], x.reshape(12, -1).sum(-1), rtol=1e-6)
+    for bad in (np.inf, np.nan):
+        y = x.copy()
+        y[7, 0, 0] = bad
+        sc = np.asarray(gpu_kernels._split_plane(jnp.asarray(y))[2])
+        assert np.isnan(sc[7, 0]) and np.array_equal(np.delete(sc, 7, 0), np.delete(scale, 7, 0))
+
+
+def test_dot4_interpreted_sums_byte_products():
+    """_dot4 in Pallas' interpreter (the CUDA kernel runs dp4a twice): per word, the sum over
+    its bytes of q_b (unsigned) * (256 hi_b (signed) + lo_b (unsigned)), in int32."""
+    rng = np.random.default_rng(31)
+    q, hi, lo = (rng.integers(0, 2**32, (5, 7), dtype=np.uint64) for _ in range(3))
+
+    def b(words, signed=False):
+        v = (words[..., None] >> (8 * np.arange(4, dtype=np.uint64))) & 0xFF
+        v = v.astype(np.int64)
+        return np.where(v > 127, v - 256, v) if signed else v
+
+    q = q & 0x3F3F3F3F  # 6-bit quants at most (Q6_K)
+    want = np.sum(b(q) * (256 * b(hi, True) + b(lo)), axis=-1)
+    got = gpu_kernels._dot4(
+        *(jnp.asarray(a.astype(np.uint32).view(np.int32)) for a in (q, hi, lo)), True
+    )
+    np.testing.assert_array_equal(np.asarray(got), want)

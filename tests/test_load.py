@@ -20,9 +20,10 @@ ALL = list(quant.FORMATS.values())
 DENSE = {quant.F32, quant.F16, quant.BF16}
 
 
-@pytest.fixture(params=["default", "metal-safe"])
+@pytest.fixture(params=["default", "metal-safe", "gpu"])
 def profile(request):
-    """Run under each storage of byte fields (uint8; int8 under metal-safe), then restore."""
+    """Run under each storage of byte fields (uint8; int8 under metal-safe; the K-quants' quants
+    as uint32 words under gpu), then restore."""
     before = backends.requested_profile()
     backends.set_profile(request.param)
     yield request.param
@@ -41,9 +42,19 @@ def _raw(cls: type[quant.Weight], shape, rng, lead=()) -> np.ndarray:
 
 def _host_split(cls: type[quant.Weight], raw: np.ndarray) -> dict[str, np.ndarray]:
     """The reference: numpy's structured view of the block struct, each field copied out and
-    stored as the profile stores it (uint8, or its int8 view under metal-safe)."""
+    stored as the profile stores it (uint8, its int8 view under metal-safe, little-endian
+    uint32 words of the WORD_FIELDS under gpu)."""
     rec = np.ascontiguousarray(raw).view(cls.BLOCK)  # [..., out, nb] records
-    return {f: np.array(rec[f]).view(quant.field_dtype(cls.BLOCK[f].base)) for f in cls.BLOCK.names}
+    words = backends.current_profile().quant_bytes == "uint32"
+
+    def dtype(f):
+        return (
+            np.dtype("<u4")
+            if words and f in cls.WORD_FIELDS
+            else quant.field_dtype(cls.BLOCK[f].base)
+        )
+
+    return {f: np.array(rec[f]).view(dtype(f)) for f in cls.BLOCK.names}
 
 
 def _assert_fields(w: quant.Weight, want: dict[str, np.ndarray]) -> None:

@@ -369,3 +369,38 @@ def test_stack_rejects_mismatches():
         quant.stack([a, c])
     with pytest.raises(ValueError):
         quant.stack([])
+
+
+@pytest.mark.parametrize("cls", [quant.Q4_K, quant.Q6_K], ids=lambda c: c.__name__)
+def test_word_fields_decode_like_bytes(cls):
+    """Under the gpu profile the quants (WORD_FIELDS) are little-endian uint32 words; every XLA
+    path decodes them to what the bytes give: dequantize, rows, and the matmul, bit for bit."""
+    from rwkv_jax import backends
+
+    rng = np.random.default_rng(40)
+    shape = (32, 512)
+    raw = _random_raw(cls, shape, rng)
+    x = jnp.asarray(rng.standard_normal((3, shape[1])), jnp.float32)
+    idx = jnp.asarray([[3, 0], [31, 3]])
+    before = backends.requested_profile()
+    got = {}
+    try:
+        for prof in ("default", "gpu"):
+            backends.set_profile(prof)
+            w = cls.from_raw(raw, shape)
+            dtypes = {np.dtype(getattr(w, f).dtype) for f in cls.WORD_FIELDS}
+            assert dtypes == {np.dtype(np.uint32 if prof == "gpu" else np.uint8)}
+            got[prof] = [
+                np.asarray(a)
+                for a in (
+                    w.dequantize(),
+                    w.rows(idx),
+                    jax.jit(lambda w, x: w._matmul_xla(x))(w, x),
+                    jax.jit(lambda w, x: w.matvec_fused(x))(w, x),
+                )
+            ]
+    finally:
+        backends.set_profile(before)
+    for a, b in zip(got["default"], got["gpu"], strict=True):
+        _assert_exact(b, a)
+    _assert_exact(got["gpu"][0], _reference(cls, raw, shape))
