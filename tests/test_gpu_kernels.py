@@ -213,15 +213,16 @@ def test_supports():
 
 @pytest.mark.parametrize("cls", KERNEL_FORMATS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize(
-    ("rows", "split", "factored"),
-    [(1, 1, 0), (3, 4, 0), (8, 4, 0), (64, 1, 0), (1, 2, 1), (4, 1, 1)],
+    ("rows", "split", "factored", "x_dtype"),
+    # bf16 at every row count; float32 where the float32-accumulator kernels take it (<= 4 rows)
+    [(r, sp, f, jnp.bfloat16) for r, sp, f in [(1, 1, 0), (3, 4, 0), (8, 4, 0), (64, 1, 0)]]
+    + [(r, sp, f, jnp.bfloat16) for r, sp, f in [(1, 2, 1), (4, 1, 1)]]
+    + [(1, 1, 0, jnp.float32), (3, 4, 0, jnp.float32), (1, 2, 1, jnp.float32)],
+    ids=lambda v: getattr(v, "__name__", str(v)),
 )
-@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32], ids=["x_bf16", "x_f32"])
 def test_lowers_to_triton_for_cuda(cls, rows, split, factored, x_dtype, layout):
     """The kernels pass Pallas' Triton lowering (power-of-two tensors, supported ops) for CUDA;
     over words with bf16 x at <= MAX_ROWS rows the integer path's dp4a is in the kernel."""
-    if x_dtype == jnp.float32 and rows > gpu_kernels.MAX_ROWS:
-        pytest.skip("tensor cores take bf16/f16 x")
     shape = (2560, 1024)
     w = cls.from_raw(_random_raw(cls, shape, np.random.default_rng(7)), shape)
     x = jnp.ones((rows, shape[1]), x_dtype)
