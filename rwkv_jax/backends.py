@@ -17,9 +17,10 @@ indexing, #20750, #23931), unsigned integers (uint32 #24867, unsigned gather/arg
 #21547, #21590), int4 (#21883) and RNG bit generators (rng_bit_generator's ui32, #24867).
 The same row is what a CPU run with `--profile metal-safe` executes, which is how the Metal
 code path is tested without a Mac (`make test-metal-safe`, jax 0.4.38). The gpu row is the
-default one with the quants of Q4_K / Q6_K stored as 32-bit words (quant.Weight.WORD_FIELDS),
-which the CUDA decode kernels multiply by integer dot products (gpu_kernels.py); forced on the
-CPU it runs XLA's paths for those formats instead of the native kernels (which read bytes).
+default one with the quants of Q4_K / Q6_K stored as 32-bit words (quant.Weight.WORD_FIELDS)
+in packed bf16/f16 models (quant.words_for), which the CUDA decode kernels multiply by integer
+dot products (gpu_kernels.py); forced on the CPU it runs XLA's paths for those formats instead
+of the native kernels (which read bytes).
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ class Profile:
     stack_layers: bool | None
     # packed uint8 block fields: "uint8" as stored, "int8" (a zero-copy host view, unpacked
     # with int32 arithmetic, bit-identical) for plugins without unsigned integer support, or
-    # "uint32": the quants of Q4_K / Q6_K (Weight.WORD_FIELDS) as little-endian 32-bit words,
-    # split so at load, for the CUDA kernels' 4-way integer dot products (gpu_kernels.py)
+    # "uint32": the quants of Q4_K / Q6_K (Weight.WORD_FIELDS) as little-endian 32-bit words in
+    # packed bf16/f16 models (quant.words_for), for the CUDA kernels' dp4a (gpu_kernels.py)
     quant_bytes: str
     # decode matvec of packed weights: "platform" = dot on the CPU, fused multiply+reduce
     # elsewhere (lax.platform_dependent); "fused" = always the multiply+reduce (Metal's branch)
@@ -111,7 +112,7 @@ PROFILES: dict[str, Profile] = {
         dtype=None,
         prng_impl=None,
         decode_block=16,
-        why="GPUs: as default, with the K-quants' quant bytes stored as 32-bit words",
+        why="GPUs: as default, with the K-quants' quants stored as 32-bit words (bf16/f16 models)",
     ),
     "metal-safe": Profile(
         name="metal-safe",

@@ -21,9 +21,9 @@ planes of [2, 2, 32] values, Q6_K as two planes of [2, 2, 2, 16]. With float32 a
 the kernel picks x's matching plane itself (a strided load of x as it lies, widened in
 registers: no XLA kernel rearranges x before each call); the tensor-core kernel takes x
 rearranged plane-major with the rows last. Only the summation order differs from
-dequantize-then-dot. Over quants stored as words the float32-accumulator kernels see a word's
-four values on a trailing axis ([..., k, 4]) and the tensor-core kernel decodes 8 planes of 32
-values per super-block, one per nibble plane and byte position (x arranged to match).
+dequantize-then-dot. Quants stored as words are decoded as 8 planes of 32 values per
+super-block, one per nibble plane and byte position (x's matching plane picked, or arranged so
+for the tensor cores).
 
 Grid: (row tiles of weight rows, SPLIT parts of the super-blocks); each program loops over its
 super-blocks and writes a partial [rows, M] sum that XLA adds up (or the consumer:
@@ -217,9 +217,9 @@ def matmul_group(
         xv = xr.reshape(m, nb, *fmt.x_view)
         if mma:
             xv = jnp.moveaxis(xv, 2 + fmt.plane_axis, 2)  # [M, nb, 2 planes, *plane view]
-            if fmt.byte_planes:  # words: per plane and byte position b ([.., k, b] -> b first)
+            if fmt.words:  # per plane and byte position b ([.., k, b] -> b first)
                 xv = jnp.moveaxis(xv, -1, 3)
-            n_planes = 8 if fmt.byte_planes else 2
+            n_planes = 8 if fmt.words else 2
             xv = jnp.moveaxis(xv.reshape(m, nb, n_planes, QK_K // n_planes), 0, -1)
         arrays.append(xv)
     wide = WIDE_ROWS if out >= WIDE_OUT else None
@@ -304,7 +304,12 @@ def _call(
 
     def x_plane(x_ref, r, s, k):
         # row r's plane k of super-block s, float32 [*plane view]: a strided load of x's view
-        at = tuple(k if a == fmt.plane_axis else slice(None) for a in range(len(fmt.x_view)))
+        # (over words plane k is (plane k // 4, byte position k % 4 on x view's last axis))
+        at = [slice(None)] * len(fmt.x_view)
+        if fmt.words:
+            at[fmt.plane_axis], at[-1] = k // 4, k % 4
+        else:
+            at[fmt.plane_axis] = k
         return x_ref[(r, s, *at)].astype(jnp.float32)
 
     in_specs = group_specs * groups
@@ -324,15 +329,10 @@ def _call(
         *fields, x_ref = ins
         for k, (q, scale, offset) in enumerate(fmt.parts(get, *fields, s)):
             new = []
-            lead = scale.ndim - fmt.value_axes  # a sub-block's values: the trailing axes
-            scale, offset = (a.reshape(a.shape[:lead] + (1,)) for a in (scale, offset))
             for r, acc in enumerate(accs):
                 xk = x_plane(x_ref, r, s, k)  # [*plane view]
-                qx, xs = q * xk[None], xk[None]
-                for _ in range(fmt.value_axes - 1):
-                    qx, xs = jnp.sum(qx, axis=-1), jnp.sum(xs, axis=-1)
-                qx = jnp.sum(qx, axis=-1, keepdims=True)
-                xs = jnp.sum(xs, axis=-1, keepdims=True)
+                qx = jnp.sum(q * xk[None], axis=-1, keepdims=True)
+                xs = jnp.sum(xk, axis=-1, keepdims=True)[None]
                 new.append(acc + scale * qx - offset * xs)
             accs = tuple(new)
         return accs
@@ -344,8 +344,10 @@ def _call(
         *fields, x_ref = ins
         for k, (q, scale, offset) in enumerate(fmt.ints(get, *fields, s)):
             new = []
+            at = tuple(k if a == fmt.plane_axis else slice(None) for a in range(len(fmt.x_view)))
             for r, acc in enumerate(accs):
-                hi, lo, sx, xs = _split_plane(x_plane(x_ref, r, s, k))
+                # row r's plane k, float32 [*int view, 4]: a word's four values on the last axis
+                hi, lo, sx, xs = _split_plane(x_ref[(r, s, *at)].astype(jnp.float32))
                 hi, lo = (jnp.broadcast_to(a[None], q.shape) for a in (hi, lo))
                 qw = jnp.sum(_dot4(q, hi, lo, interpret), axis=-1, keepdims=True)
                 new.append(acc + scale * (sx[None] * qw.astype(jnp.float32)) - offset * xs[None])
@@ -354,7 +356,7 @@ def _call(
 
     def mma_step(get, s, ins, acc):
         *fields, x_ref = ins
-        planes = (fmt.byte_planes or fmt.planes)(get, *fields, s)
+        planes = fmt.planes(get, *fields, s)
         for k, w in enumerate(planes):
             w = w.reshape(tile, QK_K // len(planes)).astype(dtypes[-1])  # rounded as XLA does
             acc = acc + jnp.dot(w, x_ref[s, k], preferred_element_type=jnp.float32)
@@ -392,7 +394,7 @@ def _call(
             group = (tile, *fmt.int_view[:-1], 1)
             init, step = tuple(jnp.zeros(group, jnp.float32) for _ in range(m)), int_step
         elif factored:
-            group = (tile, *fmt.plane_view[: len(fmt.plane_view) - fmt.value_axes], 1)
+            group = (tile, *fmt.plane_view[:-1], 1)
             init, step = tuple(jnp.zeros(group, jnp.float32) for _ in range(m)), factored_step
         else:
             init = tuple(jnp.zeros((tile, *fmt.plane_view), jnp.float32) for _ in range(m))
@@ -488,21 +490,20 @@ def _byte_shifts(ndim: int) -> Array:
 
 
 def _q4_k_words(get, *fields) -> list[Array]:
-    """Q4_K (qs as words) super-block s as 2 planes of float32 values [tile, 2, 2, 8, 4]."""
+    """Q4_K (qs as words) super-block s as 8 planes of float32 values [tile, 2, 2, 8]
+    (_q4_k_words_parts)."""
     return [scale * q - offset for q, scale, offset in _q4_k_words_parts(get, *fields)]
 
 
 def _q4_k_words_parts(get, d_ref, dmin_ref, sc_ref, qs_ref, s):
-    """_q4_k_parts for qs as words [tile, 2, 2, 8]: q [tile, 2, 2, 8, 4], value 4k + b of a
-    run at [k, b]; scale, offset [tile, 2, 2, 1, 1]."""
+    """Q4_K (qs as words [tile, 2, 2, 8]) super-block s as 8 planes (q [tile, 2, 2, 8], scale,
+    offset [tile, 2, 2, 1]), one per nibble plane nib and byte position b: value 32*(2*(2h + p)
+    + nib) + 4k + b at [h, p, k]."""
     qs = lax.bitcast_convert_type(get(qs_ref, s), jnp.int32)
     return [
-        (
-            _word_bytes(qs, 4 * nib, 0xF).astype(jnp.float32),
-            sc[..., None, None],
-            mn[..., None, None],
-        )
+        (((qs >> (8 * b + 4 * nib)) & 0xF).astype(jnp.float32), sc[..., None], mn[..., None])
         for nib, (sc, mn) in enumerate(_q4_k_scales(get, d_ref, dmin_ref, sc_ref, s))
+        for b in range(4)
     ]
 
 
@@ -513,17 +514,6 @@ def _q4_k_ints(get, d_ref, dmin_ref, sc_ref, qs_ref, s) -> list[tuple[Array, Arr
     return [
         ((qs >> (4 * nib)) & 0x0F0F0F0F, sc[..., None], mn[..., None])
         for nib, (sc, mn) in enumerate(_q4_k_scales(get, d_ref, dmin_ref, sc_ref, s))
-    ]
-
-
-def _q4_k_byte_planes(get, d_ref, dmin_ref, sc_ref, qs_ref, s) -> list[Array]:
-    """Q4_K (qs as words) super-block s as 8 planes of float32 values [tile, 2, 2, 8]: nibble
-    plane nib, byte position b -> value 32*(2*(2h + p) + nib) + 4k + b at [h, p, k]."""
-    qs = lax.bitcast_convert_type(get(qs_ref, s), jnp.int32)
-    return [
-        sc[..., None] * ((qs >> (8 * b + 4 * nib)) & 0xF).astype(jnp.float32) - mn[..., None]
-        for nib, (sc, mn) in enumerate(_q4_k_scales(get, d_ref, dmin_ref, sc_ref, s))
-        for b in range(4)
     ]
 
 
@@ -561,27 +551,15 @@ def _q6_k_values(get, ql_ref, qh_ref, sc_ref, d_ref, s) -> list[tuple[Array, Arr
 
 
 def _q6_k_words(get, *fields) -> list[Array]:
-    """Q6_K (ql, qh as words) super-block s as 2 planes of float32 values [tile, 2, 2, 2, 4, 4]."""
+    """Q6_K (ql, qh as words) super-block s as 8 planes of float32 values [tile, 2, 2, 2, 4]
+    (_q6_k_words_parts)."""
     return [scale * q - offset for q, scale, offset in _q6_k_words_parts(get, *fields)]
 
 
 def _q6_k_words_parts(get, ql_ref, qh_ref, sc_ref, d_ref, s):
-    """_q6_k_parts for ql, qh as words (ql [tile, 2h, 2c, 2u, 4], qh [tile, 2h, 2u, 4]): q
-    [tile, 2, 2, 2, 4, 4], value 16u + 4k + b of a run at [k, b]; scale, offset [..., 1, 1]."""
-    ql = lax.bitcast_convert_type(get(ql_ref, s), jnp.int32)
-    qh = lax.bitcast_convert_type(get(qh_ref, s), jnp.int32)[:, :, None]
-    c2 = 2 * _iota((2, 2, 1, 1, 1), 1)  # 2c, broadcast over [2h, 2c, 2u, 4, 4]
-    out = []
-    for n, sc in enumerate(_q6_k_scales(get, sc_ref, d_ref, s)):
-        q = _word_bytes(ql, 4 * n, 0xF) | (_word_bytes(qh, 4 * n + c2, 3) << 4)
-        sc = sc[..., None, None]
-        out.append((q.astype(jnp.float32), sc, 32.0 * sc))
-    return out
-
-
-def _q6_k_byte_planes(get, ql_ref, qh_ref, sc_ref, d_ref, s) -> list[Array]:
-    """Q6_K (ql, qh as words) super-block s as 8 planes of float32 values [tile, 2, 2, 2, 4]:
-    plane n, byte position b -> value 128h + 32(2n + c) + 16u + 4k + b at [h, c, u, k]."""
+    """Q6_K (ql [tile, 2h, 2c, 2u, 4], qh [tile, 2h, 2u, 4] as words) super-block s as 8 planes
+    (q [tile, 2, 2, 2, 4], scale, offset = 32 scale [tile, 2, 2, 2, 1]), one per plane n and
+    byte position b: value 128h + 32(2n + c) + 16u + 4k + b at [h, c, u, k]."""
     ql = lax.bitcast_convert_type(get(ql_ref, s), jnp.int32)
     qh = lax.bitcast_convert_type(get(qh_ref, s), jnp.int32)[:, :, None]
     c2 = 2 * _iota((2, 2, 1, 1), 1)
@@ -590,7 +568,7 @@ def _q6_k_byte_planes(get, ql_ref, qh_ref, sc_ref, d_ref, s) -> list[Array]:
         for b in range(4):
             sh = 8 * b + 4 * n
             q = ((ql >> sh) & 0xF) | (((qh >> (sh + c2)) & 3) << 4)
-            out.append(sc[..., None] * (q - 32).astype(jnp.float32))
+            out.append((q.astype(jnp.float32), sc[..., None], 32.0 * sc[..., None]))
     return out
 
 
@@ -666,8 +644,9 @@ class _Format(NamedTuple):
     """A kernel's format: name, plane decoder (values, or factored: q, scale, offset per plane),
     weight fields with their per-super-block views,
     x's natural view of a super-block, which axis of it picks the plane, and the plane view;
-    value_axes: the trailing axes of a plane view one sub-block spans; ints (quants as words):
-    per plane (q words, scale, offset), int_view: a plane's word view."""
+    words: the quants are uint32 words, decoded as 8 planes (nibble plane, byte position b on
+    x view's last axis) of the plane view; ints (words): per nibble plane (q words, scale,
+    offset) for the integer dot products, int_view: a nibble plane's word view."""
 
     name: str
     planes: Callable[..., list[Array]]
@@ -676,11 +655,9 @@ class _Format(NamedTuple):
     x_view: tuple[int, ...]
     plane_axis: int
     plane_view: tuple[int, ...]
-    value_axes: int = 1
+    words: bool = False  # quants as words: 8 planes (nibble plane, byte position) per block
     ints: Callable[..., list[tuple[Array, Array, Array]]] | None = None
     int_view: tuple[int, ...] = ()
-    # words: the tensor-core kernel's planes, one per (plane, byte position) (x_view's last axis)
-    byte_planes: Callable[..., list[Array]] | None = None
 
 
 _Q4_K_SCALES = ("d", ()), ("dmin", ()), ("scales", (3, 2, 2))
@@ -701,11 +678,10 @@ _FORMATS = {
         (*_Q4_K_SCALES, ("qs", (2, 2, 8))),
         (2, 2, 2, 8, 4),  # x [h, p, nib, k, b]: value 32*(2*(2h + p) + nib) + 4k + b
         2,
-        (2, 2, 8, 4),
-        value_axes=2,
+        (2, 2, 8),
+        words=True,
         ints=_q4_k_ints,
         int_view=(2, 2, 8),
-        byte_planes=_q4_k_byte_planes,
     ),
     ("Q6_K", "bytes"): _Format(
         "q6_k",
@@ -723,11 +699,10 @@ _FORMATS = {
         (("ql", (2, 2, 2, 4)), ("qh", (2, 2, 4)), ("scales", (2, 2, 2, 2)), ("d", ())),
         (2, 2, 2, 2, 4, 4),  # x [h, n, c, u, k, b]: value 128h + 32(2n + c) + 16u + 4k + b
         1,
-        (2, 2, 2, 4, 4),
-        value_axes=2,
+        (2, 2, 2, 4),
+        words=True,
         ints=_q6_k_ints,
         int_view=(2, 2, 2, 4),
-        byte_planes=_q6_k_byte_planes,
     ),
 }
 

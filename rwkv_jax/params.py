@@ -146,21 +146,22 @@ def _to_device(
     return {k: upload.to_device(rows, lays[k]) for k, (_, _, rows) in mats.items()}
 
 
-def _weights(group: dict[str, TensorInfo]) -> dict[str, quant.Weight]:
+def _weights(group: dict[str, TensorInfo], words: bool) -> dict[str, quant.Weight]:
     """Packed weights of a group of tensors (one layer, or emb + head): each tensor's bytes go
-    to the device as they lie in the mmap, and one program splits the group's blocks there."""
+    to the device as they lie in the mmap, and one program splits the group's blocks there
+    (words: the K-quants' quants as uint32 words, quant.raw_layout)."""
     mats = {k: _matrix(info) for k, info in group.items()}
-    lays = {k: quant.raw_layout(cls) for k, (cls, _, _) in mats.items()}
+    lays = {k: quant.raw_layout(cls, words) for k, (cls, _, _) in mats.items()}
     fields = upload.split(_to_device(mats, lays), lays)
     return {k: cls(shape=shape, **fields[k]) for k, (cls, shape, _) in mats.items()}
 
 
-def _stacked_weights(layers: list[dict[str, TensorInfo]]) -> dict[str, quant.Weight]:
+def _stacked_weights(layers: list[dict[str, TensorInfo]], words: bool) -> dict[str, quant.Weight]:
     """Packed weights stacked over layers [L, ...]: zero stacks on the device, then each layer's
     bytes uploaded and split into its slot in place (peak: the stacks plus one layer)."""
     mats = [{k: _matrix(info) for k, info in lay.items()} for lay in layers]
     first = mats[0]
-    lays = {k: quant.raw_layout(cls) for k, (cls, _, _) in first.items()}
+    lays = {k: quant.raw_layout(cls, words) for k, (cls, _, _) in first.items()}
     shapes = {
         k: (len(layers), out, n_in // cls.BLOCK_ELEMS) for k, (cls, (out, n_in), _) in first.items()
     }
@@ -178,14 +179,14 @@ def _signature(layer: dict[str, object]) -> tuple:
     )
 
 
-def _build_block(layers: list[dict[str, object]]) -> Block:
+def _build_block(layers: list[dict[str, object]], words: bool) -> Block:
     """One Block from one layer's host pieces, or stacked from several (leading axis)."""
     mats = {k: v for k, v in layers[0].items() if isinstance(v, TensorInfo)}
     if len(layers) == 1:
-        fields: dict[str, object] = dict(_weights(mats))  # type: ignore[arg-type]
+        fields: dict[str, object] = dict(_weights(mats, words))  # type: ignore[arg-type]
     else:
         per_layer = [{k: lay[k] for k in mats} for lay in layers]
-        fields = dict(_stacked_weights(per_layer))  # type: ignore[arg-type]
+        fields = dict(_stacked_weights(per_layer, words))  # type: ignore[arg-type]
     vectors = {k: v for k, v in layers[0].items() if k not in mats}
     if len(layers) > 1:  # small: stacked on the host ([L, ...] float32), one upload each
         vectors = {k: np.stack([lay[k] for lay in layers]) for k in vectors}  # type: ignore[misc]
@@ -201,6 +202,8 @@ def load_params(
 
     mode: "packed" keeps matrices in their file format and dequantizes inside jit; "dense"
     dequantizes every matrix once now to `dtype`. stack_layers: None = stack when possible.
+    Packed under the gpu profile with a bf16/f16 `dtype`, the quants of Q4_K / Q6_K are stored
+    as uint32 words (quant.words_for), for the GPU kernels' integer dot products.
     """
     if mode not in MODES:
         raise InputError(f"weight mode '{mode}' is not one of {MODES}")
@@ -215,12 +218,13 @@ def load_params(
     # the two largest tensors first, while little else is on the device: their bytes and
     # fields coexist briefly (2.9b: 0.23 GB), which then stays under the layers' own peak of
     # everything plus one layer in flight (H200, 2.9b: peak 1.036x the file, 1.12x before)
-    ends = _weights({k: glob[k] for k in ("emb", "head")})  # type: ignore[misc]
+    words = mode == "packed" and quant.words_for(dtype)
+    ends = _weights({k: glob[k] for k in ("emb", "head")}, words)  # type: ignore[misc]
     blocks: Block | tuple[Block, ...]
     if stack_layers:
-        blocks = _build_block(layers)
+        blocks = _build_block(layers, words)
     else:
-        blocks = tuple(_build_block([lay]) for lay in layers)
+        blocks = tuple(_build_block([lay], words) for lay in layers)
     vec = jax.device_put({k: np.array(glob[k], np.float32) for k in glob if k not in ends})
     params = Params(blocks=blocks, **ends, **vec)  # type: ignore[arg-type]
     if mode == "dense":

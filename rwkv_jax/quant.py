@@ -226,13 +226,27 @@ def field_dtype(base: np.dtype) -> np.dtype:
     return np.dtype(base)
 
 
-def raw_layout(cls: type[Weight]) -> upload.Layout:
+def raw_layout(cls: type[Weight], words: bool | None = None) -> upload.Layout:
     """How `cls`'s block bytes split into its fields on the device, under the current profile
-    (uint8 / int8 bytes; the gpu profile stores cls.WORD_FIELDS as uint32 words)."""
+    (uint8 / int8 bytes). words: store cls.WORD_FIELDS as uint32 words (None: where the profile
+    does, the gpu profile's quant_bytes "uint32")."""
     lay = upload.layout(cls.BLOCK, field_dtype(np.dtype(np.uint8)))
-    if backends.current_profile().quant_bytes == "uint32" and cls.WORD_FIELDS:
+    if words is None:
+        words = backends.current_profile().quant_bytes == "uint32"
+    if words and cls.WORD_FIELDS:
         lay = upload.as_words(lay, cls.WORD_FIELDS)
     return lay
+
+
+def words_for(dtype) -> bool:
+    """Whether a packed model computing in `dtype` stores its quants as words: under the gpu
+    profile, for the dtypes the GPU kernels' integer dot products take (bf16 / f16; none with
+    RWKV_JAX_INT_DOT=0). A float32 model keeps the bytes its float kernels read fastest (over
+    words they ran 457.6 -> 335.1 tok/s at one row and 962.3 -> 459.2 at four, H200, while they
+    read a word's values on a trailing axis; BENCHMARKS.md)."""
+    return backends.current_profile().quant_bytes == "uint32" and (
+        jnp.dtype(dtype) in gpu_kernels.INT_DOT_DTYPES
+    )
 
 
 class _Blocked(Weight):

@@ -388,3 +388,43 @@ def test_dot4_interpreted_sums_byte_products():
         *(jnp.asarray(a.astype(np.uint32).view(np.int32)) for a in (q, hi, lo)), True
     )
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_decode_over_words_matches_xla(cuda_branch, decode_steps, synth_model):
+    """A bf16 model loaded under the gpu profile (quants as words) decodes through the one-row
+    integer-dot kernel (interpreted: the product whose partial sums the prologue kernel takes)
+    as XLA's path over the same words does: the
+    two differ by float32 summation and x's 16-bit integer values (~1e-5 of a product), and
+    where that moves a bf16 rounding by an ulp (2^-8) it travels on: bounds of 3% of the
+    logits' largest and KL < 1e-3 with the top token kept (seen: 0.47% and KL 3.7e-4). A plane
+    or byte mixed up anywhere in the kernel's layout moves them by far more."""
+    import rwkv_jax
+
+    before = backends.requested_profile()
+    backends.set_profile("gpu")
+    try:
+        m = rwkv_jax.load(synth_model("tiny", "Q4_K_M"), stack_layers=True, dtype="bfloat16")
+        qs = m.params.blocks.receptance.qs  # a Q4_K receptance: its quants as words
+        assert np.dtype(qs.dtype) == np.uint32
+        toks = jnp.asarray(np.random.default_rng(3).integers(0, m.config.vocab_size, (3, 1)))
+        want, _ = decode_steps(m, toks.astype(jnp.int32))
+        from rwkv_jax import gpu_mix
+
+        # the prologue kernels take the output product's partial sums at one row
+        calls = cuda_branch([(gpu_mix, "mix_prologue", lambda a, kw: "mix")], grouped=True)
+        jax.clear_caches()
+        got, _ = decode_steps(m, toks.astype(jnp.int32))
+        jax.clear_caches()
+    finally:
+        backends.set_profile(before)
+    assert "partials" in calls  # a one-row product over words ran (its partial sums handed on)
+    want, got = want.astype(np.float64)[:, 0], got.astype(np.float64)[:, 0]
+    assert np.abs(got - want).max() <= 0.03 * np.abs(want).max()
+    assert np.array_equal(got.argmax(-1), want.argmax(-1))
+
+    def logp(a):
+        a = a - a.max(-1, keepdims=True)
+        return a - np.log(np.exp(a).sum(-1, keepdims=True))
+
+    kl = (np.exp(logp(want)) * (logp(want) - logp(got))).sum(-1)
+    assert kl.max() < 1e-3

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -157,6 +158,40 @@ def test_load_params_fields_equal_file_bytes(synth_model):
     for ends in (stacked, unrolled):
         _assert_fields(ends.emb, _host_split(type(ends.emb), f.tensor("token_embd.weight").rows()))
         _assert_fields(ends.head, _host_split(type(ends.head), f.tensor("output.weight").rows()))
+
+
+def test_gpu_profile_stores_words_for_packed_bf16_models(synth_model):
+    """Under the gpu profile a packed bf16/f16 model stores the K-quants' quants as uint32
+    words (the fields then equal the file's bytes read as little-endian words); float32 and
+    dense models, and every model under the default profile, keep bytes."""
+    f = GGUFFile(synth_model("tiny", "Q4_K_M"))
+    before = backends.requested_profile()
+    try:
+        for prof, dtype, mode, words in [
+            ("gpu", jnp.bfloat16, "packed", True),
+            ("gpu", jnp.float16, "packed", True),
+            ("gpu", jnp.float32, "packed", False),
+            ("gpu", jnp.bfloat16, "dense", False),
+            ("default", jnp.bfloat16, "packed", False),
+        ]:
+            backends.set_profile(prof)
+            assert quant.words_for(dtype) == (prof == "gpu" and dtype != jnp.float32)
+            params = load_params(f, mode=mode, dtype=dtype, stack_layers=False)
+            kquants = [
+                w
+                for w in jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, quant.Weight))
+                if isinstance(w, (quant.Q4_K, quant.Q6_K))
+            ]
+            assert bool(kquants) == (mode == "packed")  # dense: every matrix dequantized
+            for w in kquants:
+                for name in type(w).WORD_FIELDS:
+                    want = np.uint32 if words else np.uint8
+                    assert np.dtype(getattr(w, name).dtype) == want, (prof, dtype, name)
+            if words:  # the head's fields are the file's bytes, as words
+                head = f.tensor("output.weight")
+                _assert_fields(params.head, _host_split(type(params.head), head.rows()))
+    finally:
+        backends.set_profile(before)
 
 
 def _gguf_name(field: str) -> str:
