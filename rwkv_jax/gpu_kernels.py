@@ -552,8 +552,8 @@ def _q6_k_values(get, ql_ref, qh_ref, sc_ref, d_ref, s) -> list[tuple[Array, Arr
 
 def _q6_k_words(get, *fields) -> list[Array]:
     """Q6_K (ql, qh as words) super-block s as 8 planes of float32 values [tile, 2, 2, 2, 4]
-    (_q6_k_words_parts)."""
-    return [scale * q - offset for q, scale, offset in _q6_k_words_parts(get, *fields)]
+    (_q6_k_words_parts): scale * (q - 32), as _q6_k and XLA's dequantization round them."""
+    return [scale * (q - 32.0) for q, scale, _ in _q6_k_words_parts(get, *fields)]
 
 
 def _q6_k_words_parts(get, ql_ref, qh_ref, sc_ref, d_ref, s):
