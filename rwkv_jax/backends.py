@@ -25,6 +25,7 @@ of the native kernels (which read bytes).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform as _platform
 import re
@@ -89,29 +90,24 @@ class Profile:
     why: str
 
 
+_DEFAULT = Profile(
+    name="default",
+    donate=True,
+    prefill_loop="scan",
+    stack_layers=None,
+    quant_bytes="uint8",
+    matvec="platform",
+    dtype=None,
+    prng_impl=None,
+    decode_block=16,
+    why="CPU: donated decode state, scanned prefill and layers, uint8 unpacking",
+)
 PROFILES: dict[str, Profile] = {
-    "default": Profile(
-        name="default",
-        donate=True,
-        prefill_loop="scan",
-        stack_layers=None,
-        quant_bytes="uint8",
-        matvec="platform",
-        dtype=None,
-        prng_impl=None,
-        decode_block=16,
-        why="CPU: donated decode state, scanned prefill and layers, uint8 unpacking",
-    ),
-    "gpu": Profile(
+    "default": _DEFAULT,
+    "gpu": dataclasses.replace(
+        _DEFAULT,
         name="gpu",
-        donate=True,
-        prefill_loop="scan",
-        stack_layers=None,
         quant_bytes="uint32",
-        matvec="platform",
-        dtype=None,
-        prng_impl=None,
-        decode_block=16,
         why="GPUs: as default, with the K-quants' quants stored as 32-bit words (bf16/f16 models)",
     ),
     "metal-safe": Profile(
