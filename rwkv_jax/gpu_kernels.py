@@ -390,12 +390,10 @@ def _call(
         # this program's [tile, M] partial product of one group
         if mma:
             init, step = jnp.zeros((tile, m), jnp.float32), mma_step
-        elif factored == "ints":
-            group = (tile, *fmt.int_view[:-1], 1)
-            init, step = tuple(jnp.zeros(group, jnp.float32) for _ in range(m)), int_step
-        elif factored:
+        elif factored:  # the factored float path, or "ints": accumulators [tile, group, 1]
             group = (tile, *fmt.plane_view[:-1], 1)
-            init, step = tuple(jnp.zeros(group, jnp.float32) for _ in range(m)), factored_step
+            step = int_step if factored == "ints" else factored_step
+            init = tuple(jnp.zeros(group, jnp.float32) for _ in range(m))
         else:
             init = tuple(jnp.zeros((tile, *fmt.plane_view), jnp.float32) for _ in range(m))
             step = vec_step
@@ -645,8 +643,8 @@ class _Format(NamedTuple):
     weight fields with their per-super-block views,
     x's natural view of a super-block, which axis of it picks the plane, and the plane view;
     words: the quants are uint32 words, decoded as 8 planes (nibble plane, byte position b on
-    x view's last axis) of the plane view; ints (words): per nibble plane (q words, scale,
-    offset) for the integer dot products, int_view: a nibble plane's word view."""
+    x view's last axis) of the plane view; ints (words): per nibble plane (q words of the plane
+    view, scale, offset) for the integer dot products."""
 
     name: str
     planes: Callable[..., list[Array]]
@@ -657,7 +655,6 @@ class _Format(NamedTuple):
     plane_view: tuple[int, ...]
     words: bool = False  # quants as words: 8 planes (nibble plane, byte position) per block
     ints: Callable[..., list[tuple[Array, Array, Array]]] | None = None
-    int_view: tuple[int, ...] = ()
 
 
 _Q4_K_SCALES = ("d", ()), ("dmin", ()), ("scales", (3, 2, 2))
@@ -681,7 +678,6 @@ _FORMATS = {
         (2, 2, 8),
         words=True,
         ints=_q4_k_ints,
-        int_view=(2, 2, 8),
     ),
     ("Q6_K", "bytes"): _Format(
         "q6_k",
@@ -702,7 +698,6 @@ _FORMATS = {
         (2, 2, 2, 4),
         words=True,
         ints=_q6_k_ints,
-        int_view=(2, 2, 2, 4),
     ),
 }
 

@@ -219,9 +219,14 @@ class Weight(eqx.Module):
         return cls(shape=(out, n_in), **upload.split({name: dev}, {name: lay})[name])
 
 
+def _stored_as() -> str:
+    """How the profile in force stores packed bytes (Profile.quant_bytes: uint8, int8, uint32)."""
+    return backends.current_profile().quant_bytes
+
+
 def field_dtype(base: np.dtype) -> np.dtype:
     """Device dtype of a block field of C type `base`: int8 for uint8 under metal-safe."""
-    if base == np.uint8 and backends.current_profile().quant_bytes == "int8":
+    if base == np.uint8 and _stored_as() == "int8":
         return np.dtype(np.int8)
     return np.dtype(base)
 
@@ -232,7 +237,7 @@ def raw_layout(cls: type[Weight], words: bool | None = None) -> upload.Layout:
     does, the gpu profile's quant_bytes "uint32")."""
     lay = upload.layout(cls.BLOCK, field_dtype(np.dtype(np.uint8)))
     if words is None:
-        words = backends.current_profile().quant_bytes == "uint32"
+        words = _stored_as() == "uint32"
     if words and cls.WORD_FIELDS:
         lay = upload.as_words(lay, cls.WORD_FIELDS)
     return lay
@@ -244,9 +249,7 @@ def words_for(dtype) -> bool:
     RWKV_JAX_INT_DOT=0). A float32 model keeps the bytes its float kernels read fastest (over
     words they ran 457.6 -> 335.1 tok/s at one row and 962.3 -> 459.2 at four, H200, while they
     read a word's values on a trailing axis; BENCHMARKS.md)."""
-    return backends.current_profile().quant_bytes == "uint32" and (
-        jnp.dtype(dtype) in gpu_kernels.INT_DOT_DTYPES
-    )
+    return _stored_as() == "uint32" and jnp.dtype(dtype) in gpu_kernels.INT_DOT_DTYPES
 
 
 class _Blocked(Weight):
