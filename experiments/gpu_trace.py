@@ -285,6 +285,9 @@ def main() -> None:
         help="override gpu_kernels' launch constants (0 = keep one), e.g. 1:16:4:1",
     )
     p.add_argument(
+        "--int-split", type=int, default=None, help="gpu_kernels.INT_SPLIT (integer dot path)"
+    )
+    p.add_argument(
         "--factored", action="store_true", help="gpu_kernels.FACTORED: scales out of the sums"
     )
     p.add_argument(
@@ -348,6 +351,7 @@ def main() -> None:
         gpu_time_mix.WIDE_ROWS, gpu_time_mix.WIDE_WARPS = map(int, a.time_mix_wide.split(":"))
     gpu_time_mix.ENABLED = gpu_time_mix.ENABLED and not a.no_time_mix
     gpu_kernels.FACTORED = gpu_kernels.FACTORED or a.factored
+    gpu_kernels.INT_SPLIT = a.int_split or gpu_kernels.INT_SPLIT
     if a.pallas:  # tuning only: the constants are module globals read at trace time
         names = ("MIN_ROWS", "BLOCK_ROWS", "NUM_WARPS", "SPLIT")
         for name, v in zip(names, map(int, a.pallas.split(":")), strict=True):

@@ -89,6 +89,12 @@ MMA_MAX_ROWS, MMA_ROWS = 64, 64
 BLOCK_ROWS = 32
 NUM_WARPS = 4
 SPLIT = 20
+# ... for the integer dot products (quants as words, bf16/f16 x): split 10 (it only changes the
+# F -> C matrices, 40 super-blocks per row: 4 per program instead of 2). Same sweep with
+# RWKV_JAX_PROFILE=gpu, all kernels per matrix, split 20 -> 10: FFN value Q4_K 12.82 -> 12.48
+# us, Q6_K 16.40 -> 15.26 us; C -> C and C -> F matrices (10 super-blocks) level; 16-128 rows or
+# 2-8 warps no faster for any matrix but the head (WIDE_ROWS).
+INT_SPLIT = 10
 # the tensor-core kernel (more rows) splits its super-blocks into at most MMA_SPLIT parts; from
 # MMA_WIDE_M rows (padded) into the fewest parts giving at least MMA_PROGRAMS programs per launch
 # instead: each part's [out, M] float32 sums are written, read back and added by XLA, which
@@ -226,7 +232,7 @@ def matmul_group(
     tile = _row_tile(out, block_rows or (MMA_ROWS if mma else wide))
     groups = len(weights)
     if split or not mma:
-        parts = _parts(nb, split or SPLIT)
+        parts = _parts(nb, split or (INT_SPLIT if ints else SPLIT))
     else:
         parts = _mma_parts(nb, groups * out // tile, m)
     per_group = len(fmt.fields) + 1

@@ -30,9 +30,14 @@ LAYER_SCAN_UNROLL = 1
 # ... for one decode token on a GPU: XLA also fuses across the unrolled layers (the layer index
 # and state slices and writes). H200, 2.9b Q4_K_M, `python -m experiments.gpu_trace --cases
 # tg:1:128 --layer-unroll N`, one machine: N = 1 404.5 / 407.2, 2 443.0, 4 452.7 tok/s (517 ->
-# 365 kernels per token), first call 9.4 / 8.8 / 9.5 s; tg:4:64 at 2 873.9 (~815 at 1). Prefill
-# keeps LAYER_SCAN_UNROLL: its body is large (compile time grows with each copy).
-DECODE_LAYER_UNROLL = 4
+# 365 kernels per token), first call 9.4 / 8.8 / 9.5 s; tg:4:64 at 2 873.9 (~815 at 1). Later,
+# with the integer one-row kernels (`--cases tg:64:32 tg:1:128 tg:8:64`, one process per N, one
+# machine, no compilation cache): N = 4 10043.6 / 522.3 / 1831.8 (again at the end: 9977.8 /
+# 524.2 / 1855.7), 8 10046.3 / 532.4 / 1871.2, 16 9809.9 / 531.0 / 1886.0 tok/s; first calls
+# 9.9-12.4 s at 4, 10.7-13.2 at 8, 11.9-17.5 at 16; another call, `--cases tg:4:64 tg:2:64`, 4 /
+# 8 / 4 / 8: 889.5 / 900.6 / 889.4 / 900.4 and 698.8 / 711.9 / 699.7 / 712.3. Prefill keeps
+# LAYER_SCAN_UNROLL: its body is large (compile time grows with each copy).
+DECODE_LAYER_UNROLL = 8
 # decode steps of at least this many rows whose per-head work takes the gpu_time_mix kernel
 # carry the WKV state stack through the layer scan and update it in place (see `layers`); fewer
 # rows (or 0: none) take it as the scan's per-layer outputs. H200, 2.9b Q4_K_M, `python -m

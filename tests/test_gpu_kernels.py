@@ -428,3 +428,19 @@ def test_decode_over_words_matches_xla(cuda_branch, decode_steps, synth_model):
 
     kl = (np.exp(logp(want)) * (logp(want) - logp(got))).sum(-1)
     assert kl.max() < 1e-3
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32], ids=["x_bf16", "x_f32"])
+def test_integer_path_splits_long_rows_into_int_split_parts(x_dtype, layout):
+    """One row of a 40-super-block matrix (the FFN value's shape) is split into INT_SPLIT parts
+    on the integer path (words, bf16 x) and SPLIT parts on the float path."""
+    shape = (32, 40 * 256)
+    w = quant.Q4_K.from_raw(_random_raw(quant.Q4_K, shape, np.random.default_rng(3)), shape)
+    x = jnp.ones((1, shape[1]), x_dtype)
+    got = jax.eval_shape(
+        lambda w, x: gpu_kernels.matmul_group([w], [x], interpret=True, partials=True), w, x
+    ).shape[1]
+    ints = layout == "words" and x_dtype == jnp.bfloat16
+    split = gpu_kernels.INT_SPLIT if ints else gpu_kernels.SPLIT
+    assert gpu_kernels.INT_SPLIT != gpu_kernels.SPLIT  # else this test tells nothing
+    assert got == gpu_kernels._parts(40, split)
