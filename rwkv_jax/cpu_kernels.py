@@ -17,6 +17,11 @@ source, compiler, flags, JAX version and CPU, then registered with `jax.ffi`. Wi
 or a usable `jax.ffi`, `available()` is False, `reason()` says why, and callers keep the XLA
 path (same numbers, slower). `RWKV_JAX_NATIVE=0` disables it; `RWKV_JAX_NATIVE_THREADS=N`
 sets the pool size (default: the CPUs this process may use).
+
+The same library holds the per-head work of one decode token (`time_mix_step`, model.heads at
+T = 1 in float32: decay, gates, value residual, WKV-7 state update and readout, group norm,
+bonus), which XLA:CPU runs as ~40 small fusions and copies of the state per layer; it updates
+the layer's state in place in the stack it is given (model.heads_step).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("native") / "qmatvec.cc"
 TARGET_PREFIX = "rwkv_jax_qmatvec_"  # FFI target name = prefix + format name (float32 x)
 TARGET_PREFIX_BF16 = "rwkv_jax_qmatvec_bf16_"  # the same for bfloat16 x
+TIME_MIX_TARGET = "rwkv_jax_time_mix_step"  # the per-head work of one decode token
 
 # Per format: the weight's array fields in the order the C++ handler takes them, each with its
 # dtype and per-block trailing shape (fields are [out, nb, *trail]; dense `w` is [out, in]).
@@ -241,6 +247,8 @@ def _load() -> _Native:
             ):
                 fn = getattr(lib, sym + fmt)
                 ffi.register_ffi_target(prefix + fmt, ffi.pycapsule(fn), platform="cpu")
+        step = ffi.pycapsule(lib.rwkv_time_mix_step)
+        ffi.register_ffi_target(TIME_MIX_TARGET, step, platform="cpu")
         lib.rwkv_qmatvec_info.restype = ctypes.c_char_p
         # (format, x, field pointers, M, in, out, y) -> 0: the kernels without XLA (profiling)
         direct = lib.rwkv_qmatvec_direct
@@ -389,3 +397,57 @@ def _call(fmt: str, m: int, out: int, bf16: bool = False):
         kwargs["vmap_method"] = "sequential"  # a vmapped weight or x: one call per slice
     prefix = TARGET_PREFIX_BF16 if bf16 else TARGET_PREFIX
     return ffi.ffi_call(prefix + fmt, result, **kwargs)
+
+
+def time_mix_step(
+    layer: Array,
+    first: bool | None,
+    active: Array,
+    r: Array,
+    k: Array,
+    v: Array,
+    v_first: Array,
+    ups: tuple[Array, Array, Array, Array],
+    vectors: tuple[Array, ...],
+    S: Array,
+    *,
+    eps: float,
+    decay_scale: float,
+    l2_eps: float,
+) -> tuple[Array, Array, Array]:
+    """model.heads for one decode token of B rows, in one native call (float32 throughout).
+
+    layer: int32 [] index into S and the vector stacks; first: whether this is the first layer
+    (its v becomes v_first), None = layer == 0; active: [B] bool (False: a padding row, whose
+    state is kept); r, k, v, v_first: [B, C]; ups: the LoRA up products (w2, a2, v2, g2) [B, C]
+    as the matmuls return them; vectors: (w0, a0, v0, k_k, k_a, r_k, ln_x_w, ln_x_b), each
+    [L', C] (L' = 1: this layer's); S: the WKV state stack [L, B, H, N, N] float32, returned
+    with layer `layer` updated (the call aliases it: inside a scan that carries S, XLA updates
+    the stack in place). -> (out * g [B, C], v_first [B, C], S).
+    """
+    if not available():
+        raise RwkvJaxError(f"native CPU kernels unavailable ({reason()})")
+    B, C = r.shape
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    flag = -1 if first is None else int(bool(first))
+    args = (
+        jnp.asarray(layer, jnp.int32).reshape(()),
+        jnp.asarray(flag, jnp.int32).reshape(()),
+        jnp.asarray(active, jnp.int32).reshape(B),
+        *(f32(a).reshape(B, C) for a in (r, k, v, v_first, *ups)),
+        *(f32(a).reshape(-1, C) for a in vectors),
+        f32(S),
+    )
+    result = (
+        jax.ShapeDtypeStruct((B, C), jnp.float32),
+        jax.ShapeDtypeStruct((B, C), jnp.float32),
+        jax.ShapeDtypeStruct(S.shape, jnp.float32),
+    )
+    call = _ffi().ffi_call(TIME_MIX_TARGET, result, input_output_aliases={len(args) - 1: 2})
+    out, vf, S = call(
+        *args,
+        eps=np.float32(eps),
+        decay_scale=np.float32(decay_scale),
+        l2_eps=np.float32(l2_eps),
+    )
+    return out, vf, S

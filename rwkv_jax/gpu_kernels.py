@@ -92,8 +92,9 @@ SPLIT = 20
 # ... for the integer dot products (quants as words, bf16/f16 x): split 10 (it only changes the
 # F -> C matrices, 40 super-blocks per row: 4 per program instead of 2). Same sweep with
 # RWKV_JAX_PROFILE=gpu, all kernels per matrix, split 20 -> 10: FFN value Q4_K 12.82 -> 12.48
-# us, Q6_K 16.40 -> 15.26 us; C -> C and C -> F matrices (10 super-blocks) level; 16-128 rows or
-# 2-8 warps no faster for any matrix but the head (WIDE_ROWS).
+# us, Q6_K 16.40 -> 15.26 us; C -> C and C -> F matrices (10 super-blocks) level; 16-128 rows,
+# 2-8 warps or 1-3 stages within ~0.3 us of 32 x 4 or slower for every matrix (the head keeps
+# its WIDE_ROWS).
 INT_SPLIT = 10
 # the tensor-core kernel (more rows) splits its super-blocks into at most MMA_SPLIT parts; from
 # MMA_WIDE_M rows (padded) into the fewest parts giving at least MMA_PROGRAMS programs per launch

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-from rwkv_jax import backends, gpu_dense, gpu_mix, gpu_time_mix, quant, wkv
+from rwkv_jax import backends, cpu_kernels, gpu_dense, gpu_mix, gpu_time_mix, quant, wkv
 from rwkv_jax.gguf import ModelConfig
 from rwkv_jax.params import Block, Params
 from rwkv_jax.state import State
@@ -160,6 +160,22 @@ def heads_kernel(ups: tuple, cfg: ModelConfig, B: int, T: int) -> bool:
     return (
         gpu_time_mix.supports(B, T, cfg.head_size, layers, stacked=stacked)
         and backends.current_profile().matvec != "fused"
+    )
+
+
+def cpu_heads(cfg: ModelConfig, B: int, T: int) -> bool:
+    """Whether one decode token's per-head work runs as one native call on the CPU
+    (cpu_kernels.time_mix_step, which also updates the carried WKV stack in place): the CPU
+    backend, its native kernels built, not metal-safe, a head size of whole 16-lane vectors.
+    2-core CPU, 0.1b Q4_K_M, tg128 against the XLA path (interleaved rounds, BENCHMARKS.md):
+    B = 1 +2-7%, B = 4 +32%, B = 16 +48%."""
+    return (
+        T == 1
+        and B >= 1
+        and cfg.head_size % 16 == 0
+        and jax.default_backend() == "cpu"
+        and backends.current_profile().matvec == "platform"
+        and cpu_kernels.available()
     )
 
 
@@ -370,7 +386,8 @@ def heads_step(
     """The receptance, key and value matmuls of `rkv` ((W, x) pairs), then heads(). One decode
     token on NVIDIA GPUs takes one kernel (gpu_time_mix) for the heads, which also adds up the
     grouped matvecs' split-K partial sums, and reads the stacked layer `at` in place (or the
-    unstacked `blk` and state S)."""
+    unstacked `blk` and state S); on the CPU one native call (cpu_kernels.time_mix_step) after
+    the matmuls, writing the state into the carried stack in place."""
     dtype = span.dtype
     ws = [w for w, _ in rkv]
     B, T, C = rkv[0][1].shape
@@ -390,13 +407,31 @@ def heads_step(
     xs = tuple(x for _, x in rkv)
     if carried:
         S = at.wkv  # type: ignore[union-attr]
-    if not heads_kernel(ups, cfg, B, T):
+    native = cpu_heads(cfg, B, T)
+    if not native and not heads_kernel(ups, cfg, B, T):
         return xla(*xs, v_first, S, *hidden)
     names = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_x_w", "ln_x_b")
     vectors = tuple(_stacked(blk, at, n).reshape(-1, C).astype(jnp.float32) for n in names)
-    up_values = tuple(_stack_of(w) for w in ups)  # [L, C, D]
     index = _layer_index(at)
     first = bool(is_first) if at is None else None  # stacked: the kernel asks layer == 0
+
+    if native:
+
+        def cpu(xr, xk, xv, v_first, S, *hidden):
+            # the matmuls as the XLA path runs them (native too), then the per-head work in one
+            # call that updates this layer's state in place (carried: in the scan's stack)
+            r, k, v = matmuls(list(zip(ws, (xr, xk, xv), strict=True)), dtype)
+            products = tuple(matmul(w, h, dtype)[:, 0] for w, h in zip(ups, hidden, strict=True))
+            stack = S if carried else S[None]
+            out, v_first, stack = cpu_kernels.time_mix_step(
+                index, first, span.valid[:, 0], r[:, 0], k[:, 0], v[:, 0], v_first[:, 0],
+                products, vectors, stack,
+                eps=cfg.group_norm_eps, decay_scale=DECAY_SCALE, l2_eps=L2_EPS,
+            )  # fmt: skip
+            return out[:, None].astype(dtype), v_first[:, None], stack if carried else stack[0]
+
+        return lax.platform_dependent(*xs, v_first, S, *hidden, cpu=cpu, default=xla)
+    up_values = tuple(_stack_of(w) for w in ups)  # [L, C, D]
 
     projected = B > gpu_time_mix.MAX_UP_ROWS
     grouped_ups = projected and _dense_kernel(ups, B, T, dtype)
@@ -543,7 +578,10 @@ def layers(
         # state into it, and copies the result into the decode loop's carry (at B = 64 three
         # passes over 1.3 GB per token: 2.1 of 9.7 ms per step on an H200)
         ups = (blocks.w2, blocks.a2, blocks.v2, blocks.g2)
-        carried = 0 < WKV_IN_PLACE_MIN_ROWS <= B and heads_kernel(ups, cfg, B, T)
+        # (on the CPU: the native per-head step updates it in place at every row count)
+        carried = (0 < WKV_IN_PLACE_MIN_ROWS <= B and heads_kernel(ups, cfg, B, T)) or cpu_heads(
+            cfg, B, T
+        )
 
         def body(carry, xs):
             h, v_first, wkv = carry

@@ -2028,6 +2028,206 @@ RWKV_HANDLER(Q4_K, 4);
 RWKV_HANDLER(Q5_K, 5);
 RWKV_HANDLER(Q6_K, 4);
 
+// ---------------------------------------------------------------------------------------------
+// The per-head work of one decode token (model.heads at T = 1), float32 throughout, for B rows:
+// from r, k, v, the LoRA up products and v_first to the gated output, v_first and the new WKV
+// state, written in place into layer `layer` of the state stack S [L, B, H, N, N] (the result
+// aliases the input). XLA:CPU runs the same work as ~40 small fusions and copies of the state
+// per layer; here it is one pass over each head's state: per value row i, sa_i = S_i . alpha,
+// S_i <- S_i * exp(ld) + v_i k + sa_i beta, y_i = S_i . r. The operations and their order follow
+// model.heads and wkv.wkv7_step; only the summation order of the dot products and norms differs.
+// Vectors (w0, a0, v0, k_k, k_a, r_k, ln_x_w, ln_x_b) are stacks [L', C] read at the layer
+// (L' = 1: one layer's). first: 1 / 0, or -1 = (layer == 0). active[b] == 0: a padding row,
+// whose state is left as it is (v, beta and the log decay taken as 0, as the XLA path does).
+
+namespace {
+
+// e^x for 16 lanes: x = n ln2 + f, e^f by Cephes' expf polynomial (relative error < 2e-7, as
+// a libm expf), 2^n through the exponent bits; x clamped to [-87.3, 88.7] (no inf or
+// subnormal results: the decays and sigmoids here stay far inside).
+inline v16f vexp(v16f x) {
+  const v16f lo = v16f{} - 87.3f, hi = v16f{} + 88.7f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const v16f magic = v16f{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const v16f n = (x * 1.44269504088896341f + magic) - magic;
+  const v16f f = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v16f p = v16f{} + 1.9875691500e-4f;
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  const v16f y = p * f * f + f + 1.0f;
+  const v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
+  v16f scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  return y * scale;
+}
+
+inline v16f vsigmoid(v16f z) { return 1.0f / (1.0f + vexp(-z)); }
+
+inline void store_f32(float* p, v16f v) { std::memcpy(p, &v, sizeof v); }
+
+ffi::Error time_mix_step(LBuf layer_b, LBuf first_b, LBuf active_b, XBuf r_b, XBuf k_b, XBuf v_b,
+                         XBuf vf_b, XBuf zw_b, XBuf za_b, XBuf zv_b, XBuf g_b, XBuf w0_b,
+                         XBuf a0_b, XBuf v0_b, XBuf kk_b, XBuf ka_b, XBuf rk_b, XBuf lnw_b,
+                         XBuf lnb_b, XBuf s_in, float eps, float decay_scale, float l2_eps,
+                         YBuf out_b, YBuf vf_out_b, YBuf s_out) {
+  const auto sd = s_in.dimensions();
+  const auto rd = r_b.dimensions();
+  if (sd.size() != 5 || rd.size() != 2 || sd[3] != sd[4] || sd[3] % 16 != 0 || rd[0] != sd[1] ||
+      rd[1] != sd[2] * sd[3] || s_out->element_count() != s_in.element_count()) {
+    return ffi::Error::InvalidArgument("rwkv_jax_time_mix_step: S " + dims_str(sd) + ", r " +
+                                       dims_str(rd) +
+                                       "; expected S [L, B, H, N, N] (N a multiple of 16), "
+                                       "r [B, H*N]");
+  }
+  const int64_t L = sd[0], B = sd[1], H = sd[2], N = sd[3], C = H * N;
+  for (const XBuf* a : {&k_b, &v_b, &vf_b, &zw_b, &za_b, &zv_b, &g_b}) {
+    if (a->element_count() != B * C) {
+      return ffi::Error::InvalidArgument("rwkv_jax_time_mix_step: a [B, C] input has " +
+                                         dims_str(a->dimensions()));
+    }
+  }
+  const int64_t lv = w0_b.element_count() / C;  // layers in the vector stacks
+  for (const XBuf* a : {&w0_b, &a0_b, &v0_b, &kk_b, &ka_b, &rk_b, &lnw_b, &lnb_b}) {
+    if (lv < 1 || a->element_count() != lv * C) {
+      return ffi::Error::InvalidArgument("rwkv_jax_time_mix_step: a vector stack has " +
+                                         dims_str(a->dimensions()) + ", expected [L, C]");
+    }
+  }
+  if (active_b.element_count() != B) {
+    return ffi::Error::InvalidArgument("rwkv_jax_time_mix_step: active has " +
+                                       dims_str(active_b.dimensions()));
+  }
+  const int64_t layer = std::clamp<int64_t>(layer_b.typed_data()[0], 0, L - 1);
+  const int32_t first_flag = first_b.typed_data()[0];
+  const bool first = first_flag < 0 ? layer_b.typed_data()[0] == 0 : first_flag != 0;
+  const int64_t vl = std::clamp<int64_t>(layer_b.typed_data()[0], 0, lv - 1);
+  auto vec = [&](const XBuf& a) { return a.typed_data() + vl * C; };
+  const float *w0 = vec(w0_b), *a0 = vec(a0_b), *v0 = vec(v0_b), *k_k = vec(kk_b);
+  const float *k_a = vec(ka_b), *r_k = vec(rk_b), *lnw = vec(lnw_b), *lnb = vec(lnb_b);
+  float* S = s_out->typed_data() + layer * B * H * N * N;
+  if (s_out->typed_data() != s_in.typed_data()) {  // not aliased: the other layers as they are
+    std::memcpy(s_out->typed_data(), s_in.typed_data(), s_in.element_count() * sizeof(float));
+  }
+  const int64_t nv = N / 16;  // 16-lane vectors per head row
+  // one (row, head) pair per unit of work, shared between the pool's threads: the state read and
+  // written (N * N floats per head, from memory in a decode step) is what a call costs
+  auto unit = [&](int64_t b, int64_t h) {
+    static thread_local std::vector<v16f> buf;
+    static thread_local std::vector<float> fbuf;
+    buf.resize(7 * nv);
+    fbuf.resize(2 * N);
+    v16f *kn = buf.data(), *kr = kn + nv, *alpha = kr + nv, *beta = alpha + nv;
+    v16f *dec = beta + nv, *vv = dec + nv, *rr = vv + nv;
+    float *y = fbuf.data(), *vmix = y + N;
+    const bool act = active_b.typed_data()[b] != 0;
+    const int64_t o = b * C;
+    const float *r = r_b.typed_data() + o, *k = k_b.typed_data() + o, *v = v_b.typed_data() + o;
+    const float *vf_in = vf_b.typed_data() + o, *zw = zw_b.typed_data() + o;
+    const float *za = za_b.typed_data() + o, *zv = zv_b.typed_data() + o;
+    const float* g = g_b.typed_data() + o;
+    float *out = out_b->typed_data() + o, *vf_out = vf_out_b->typed_data() + o;
+    {
+      v16f norm2{}, bonus{};
+      for (int64_t q = 0; q < nv; ++q) {
+        const int64_t c = h * N + 16 * q;
+        kn[q] = load_f32(k + c) * load_f32(k_k + c);  // kk, normalized below
+        norm2 += kn[q] * kn[q];
+      }
+      const float inv = 1.0f / std::max(std::sqrt(hsum(norm2)), l2_eps);
+      for (int64_t q = 0; q < nv; ++q) {
+        const int64_t c = h * N + 16 * q;
+        const v16f kv = load_f32(k + c), vv_in = load_f32(v + c), rv = load_f32(r + c);
+        const v16f ld = -decay_scale * vsigmoid(load_f32(w0 + c) + load_f32(zw + c));
+        const v16f a = vsigmoid(load_f32(a0 + c) + load_f32(za + c));
+        const v16f vfirst = first ? vv_in : load_f32(vf_in + c);
+        store_f32(vf_out + c, vfirst);
+        const v16f vm = vv_in + (vfirst - vv_in) * vsigmoid(load_f32(v0 + c) + load_f32(zv + c));
+        const v16f knorm = kn[q] * inv;
+        kr[q] = kv * (1.0f + (a - 1.0f) * load_f32(k_a + c));
+        alpha[q] = -knorm;
+        beta[q] = act ? knorm * a : v16f{};
+        dec[q] = act ? vexp(ld) : v16f{} + 1.0f;
+        vv[q] = act ? vm : v16f{};
+        rr[q] = rv;
+        store_f32(vmix + 16 * q, vm);
+        bonus += rv * kr[q] * load_f32(r_k + c);
+      }
+      const float bon = hsum(bonus);
+      float* Sh = S + (b * H + h) * N * N;
+      for (int64_t i = 0; i < N; ++i) {
+        float* row = Sh + i * N;
+        v16f sa_v{};
+        for (int64_t q = 0; q < nv; ++q) sa_v += load_f32(row + 16 * q) * alpha[q];
+        const float sa = hsum(sa_v);
+        const float vi = vv[i / 16][i % 16];
+        v16f y_v{};
+        for (int64_t q = 0; q < nv; ++q) {
+          const v16f sn = load_f32(row + 16 * q) * dec[q] + vi * kr[q] + sa * beta[q];
+          store_f32(row + 16 * q, sn);
+          y_v += sn * rr[q];
+        }
+        y[i] = hsum(y_v);
+      }
+      float mu = 0.0f;
+      for (int64_t i = 0; i < N; ++i) mu += y[i];
+      mu /= static_cast<float>(N);
+      float var = 0.0f;
+      for (int64_t i = 0; i < N; ++i) var += (y[i] - mu) * (y[i] - mu);
+      var /= static_cast<float>(N);
+      const float rs = 1.0f / std::sqrt(var + eps);
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t c = h * N + i;
+        out[c] = ((y[i] - mu) * rs * lnw[c] + lnb[c] + bon * vmix[i]) * g[c];
+      }
+    }
+  };
+  const int64_t units = B * H;
+  Pool& pool = Pool::get();
+  const int chunks = static_cast<int>(std::min<int64_t>(units, 4 * pool.size()));
+  auto task = [&](int c) {
+    for (int64_t u = units * c / chunks; u < units * (c + 1) / chunks; ++u) unit(u / H, u % H);
+  };
+  if (chunks < 2 || !pool.run(chunks, task)) {
+    for (int64_t u = 0; u < units; ++u) unit(u / H, u % H);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(rwkv_time_mix_step, time_mix_step,
+                              ffi::Ffi::Bind()
+                                  .Arg<LBuf>()  // layer
+                                  .Arg<LBuf>()  // first
+                                  .Arg<LBuf>()  // active
+                                  .Arg<XBuf>()  // r
+                                  .Arg<XBuf>()  // k
+                                  .Arg<XBuf>()  // v
+                                  .Arg<XBuf>()  // v_first
+                                  .Arg<XBuf>()  // w2 up product
+                                  .Arg<XBuf>()  // a2
+                                  .Arg<XBuf>()  // v2
+                                  .Arg<XBuf>()  // g2
+                                  .Arg<XBuf>()  // w0
+                                  .Arg<XBuf>()  // a0
+                                  .Arg<XBuf>()  // v0
+                                  .Arg<XBuf>()  // k_k
+                                  .Arg<XBuf>()  // k_a
+                                  .Arg<XBuf>()  // r_k
+                                  .Arg<XBuf>()  // ln_x_w
+                                  .Arg<XBuf>()  // ln_x_b
+                                  .Arg<XBuf>()  // S
+                                  .Attr<float>("eps")
+                                  .Attr<float>("decay_scale")
+                                  .Attr<float>("l2_eps")
+                                  .Ret<XBuf>()   // out * g
+                                  .Ret<XBuf>()   // v_first
+                                  .Ret<XBuf>());  // S
+
 // The kernels without XLA (benchmarks, debugging, tests): fields as in the FFI call, all
 // C-contiguous. x_kind 0: x is float32 [m, in]; 1: bfloat16 bits [m, in] (the bf16 path this
 // build takes); 2: bfloat16 through the portable path (Bf16Of on the float32 kernels).

@@ -1,0 +1,131 @@
+"""The native per-head decode step on the CPU (cpu_kernels.time_mix_step) against the XLA path
+(model.heads): one call, and whole decode steps of a model through model.heads_step."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rwkv_jax
+from rwkv_jax import cpu_kernels, model, wkv
+from rwkv_jax.generate import decode_step
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no native CPU kernels")
+
+VECTORS = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_x_w", "ln_x_b")
+EPS = 64e-5
+
+
+def _inputs(rng, B, H, N, L):
+    C = H * N
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    r, k, v, vf, zw, za, zv, g = (f(B, C) for _ in range(8))
+    vectors = [0.5 * f(L, C) for _ in VECTORS]
+    S = 0.1 * f(L, B, H, N, N)
+    return (r, k, v, vf, (zw, za, zv, g), vectors, S)
+
+
+def _heads_xla(layer, first, active, r, k, v, vf, ups, vectors, S, H, N):
+    """model.heads itself (the XLA path) on one layer, the up products given as they are."""
+    blk = types.SimpleNamespace(w2=None, a2=None, v2=None, g2=None)
+    for name, a in zip(VECTORS, vectors, strict=True):
+        row = a[min(layer, a.shape[0] - 1)]
+        setattr(blk, name, row.reshape(H, N) if name == "r_k" else row)
+    cfg = types.SimpleNamespace(n_head=H, head_size=N, group_norm_eps=EPS)
+    span = model.Span(active[:, None], active.astype(jnp.int32), wkv.wkv7_sequential, jnp.float32)
+    one = lambda a: a[:, None]  # noqa: E731  [B, C] -> [B, T = 1, C]
+    with pytest.MonkeyPatch.context() as mp:  # the ups are products already
+        mp.setattr(model, "matmul", lambda w, x, dtype: x)
+        out, vf, S = model.heads(
+            blk, cfg, one(r), one(k), one(v), one(vf), first, tuple(map(one, ups)), S[layer], span
+        )
+    return out[:, 0], vf[:, 0], S
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_step_matches_heads(layer):
+    """Rows of a 2-layer stack, one a padding row: the output, v_first and this layer's state as
+    model.heads computes them; the other layer's state and the padding row's state untouched
+    (bit for bit). first=None: the kernel takes layer 0 as the first layer (v_first = v)."""
+    rng = np.random.default_rng(30 + layer)
+    B, H, N, L = 3, 4, 64, 2
+    r, k, v, vf, ups, vectors, S = _inputs(rng, B, H, N, L)
+    active = jnp.asarray([True, False, True])
+    call = functools.partial(
+        cpu_kernels.time_mix_step, eps=EPS, decay_scale=model.DECAY_SCALE, l2_eps=model.L2_EPS
+    )
+    got_out, got_vf, got_S = jax.jit(
+        lambda S: call(jnp.int32(layer), None, active, r, k, v, vf, ups, vectors, S)
+    )(S)
+    want_out, want_vf, want_S = _heads_xla(
+        layer, layer == 0, active, r, k, v, vf, ups, vectors, S, H, N
+    )
+    # float32 both ways, the same operations: only the summation order of the 64-term dot
+    # products and norms (and libm's vs the kernel's exp, both within 2 ulp) differ, each a few
+    # ulp of its largest term; 1e-5 of the largest value is ~100x what they give (a wrong
+    # operand or layout is O(1))
+    for got, want in ((got_out, want_out), (got_S[layer], want_S)):
+        scale = float(jnp.max(jnp.abs(want)))
+        assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * scale
+    np.testing.assert_array_equal(got_vf, want_vf)  # v itself (layer 0) or v_first as given
+    np.testing.assert_array_equal(got_S[1 - layer], S[1 - layer])
+    np.testing.assert_array_equal(got_S[layer, 1], S[layer, 1])  # the padding row
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_step_unstacked_vectors_and_explicit_first(first):
+    """One layer's vectors ([1, C]) and a stack of one state, first given explicitly."""
+    rng = np.random.default_rng(40 + first)
+    B, H, N = 2, 2, 32
+    r, k, v, vf, ups, vectors, S = _inputs(rng, B, H, N, 1)
+    active = jnp.asarray([True, True])
+    got_out, got_vf, got_S = cpu_kernels.time_mix_step(
+        jnp.int32(0), first, active, r, k, v, vf, ups, vectors, S,
+        eps=EPS, decay_scale=model.DECAY_SCALE, l2_eps=model.L2_EPS,
+    )  # fmt: skip
+    want_out, want_vf, want_S = _heads_xla(0, first, active, r, k, v, vf, ups, vectors, S, H, N)
+    for got, want in ((got_out, want_out), (got_S[0], want_S)):
+        assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * float(jnp.max(jnp.abs(want)))
+    np.testing.assert_array_equal(got_vf, v if first else vf)
+
+
+@pytest.mark.parametrize(("qtype", "stack_layers"), [("Q4_K_M", True), ("Q8_0", False)])
+@pytest.mark.parametrize("B", [1, 3])
+def test_decode_steps_match_the_xla_path(synth_model, monkeypatch, qtype, stack_layers, B):
+    """Three float32 decode steps of the tiny model take the native step (the custom call is in
+    the program) and equal the XLA path's logits and states within float32 reordering."""
+    m = rwkv_jax.load(synth_model("tiny", qtype), stack_layers=stack_layers, dtype="float32")
+    toks = np.random.default_rng(B).integers(0, m.config.vocab_size, (3, B))
+    step = jax.jit(functools.partial(decode_step, cfg=m.config, dtype=m.dtype))
+
+    def run():
+        st = m.new_state(B)
+        st = dataclasses.replace(st, wkv=st.wkv + 0.01)  # a state that is not all zeros
+        text = step.lower(m.params, jnp.asarray(toks[0], jnp.int32), st).as_text()
+        logits = []
+        for t in toks:
+            lg, st = step(m.params, jnp.asarray(t, jnp.int32), st)
+            logits.append(np.asarray(lg))
+        return text, np.stack(logits), st
+
+    text, got_logits, got_st = run()
+    assert cpu_kernels.TIME_MIX_TARGET in text
+    monkeypatch.setattr(model, "cpu_heads", lambda cfg, B, T: False)
+    jax.clear_caches()
+    text, want_logits, want_st = run()
+    jax.clear_caches()
+    assert cpu_kernels.TIME_MIX_TARGET not in text
+    # float32 throughout; two layers and the head after three steps: a few ulp of each sum
+    scale = np.abs(want_logits).max()
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5 * scale)
+    for name in ("att_shift", "ffn_shift", "wkv"):
+        np.testing.assert_allclose(
+            np.asarray(getattr(got_st, name)), np.asarray(getattr(want_st, name)),
+            rtol=1e-5, atol=1e-6,
+        )  # fmt: skip
