@@ -443,7 +443,11 @@ def time_mix_step(
         jax.ShapeDtypeStruct((B, C), jnp.float32),
         jax.ShapeDtypeStruct(S.shape, jnp.float32),
     )
-    call = _ffi().ffi_call(TIME_MIX_TARGET, result, input_output_aliases={len(args) - 1: 2})
+    ffi = _ffi()
+    kwargs = {}
+    if "vmap_method" in inspect.signature(ffi.ffi_call).parameters:
+        kwargs["vmap_method"] = "sequential"  # vmapped inputs: one call per slice
+    call = ffi.ffi_call(TIME_MIX_TARGET, result, input_output_aliases={len(args) - 1: 2}, **kwargs)
     out, vf, S = call(
         *args,
         eps=np.float32(eps),

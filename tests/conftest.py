@@ -44,12 +44,13 @@ def cuda_branch(monkeypatch):
     """Factory: run model.py's CUDA branches on the CPU, their Pallas kernels interpreted.
 
     force(kernels, grouped=False) replaces model.lax by jax.lax whose platform_dependent picks
-    `cuda` (the matmuls dispatch in quant.py, untouched); for each (module, function name, log)
-    of `kernels`, module._cpu_backend says False (as on a GPU host) and module.<name> runs in
-    Pallas' interpreter, appending log(args) to the list force returns. grouped: quant's matmuls
-    leave the native CPU kernels (as off the CPU) and the grouped Pallas matvec runs interpreted
-    too, appending "partials" for each call that hands its split-K partial sums over (other
-    matmuls trace their CUDA branches there too, without partial sums)."""
+    `cuda` (the matmuls dispatch in quant.py, untouched) and model.cpu_heads says False; for
+    each (module, function name, log) of `kernels`, module._cpu_backend says False (as on a GPU
+    host) and module.<name> runs in Pallas' interpreter, appending log(args) to the list force
+    returns. grouped: quant's matmuls leave the native CPU kernels (as off the CPU) and the
+    grouped Pallas matvec runs interpreted too, appending "partials" for each call that hands
+    its split-K partial sums over (other matmuls trace their CUDA branches there too, without
+    partial sums)."""
     from rwkv_jax import gpu_kernels, model, quant
 
     def force(kernels, grouped: bool = False) -> list:
@@ -69,6 +70,8 @@ def cuda_branch(monkeypatch):
         )
         fake.platform_dependent = lambda *args, cuda, default: cuda(*args)
         monkeypatch.setattr(model, "lax", fake)
+        # as on a GPU host: no native CPU per-head step (its branch is the CPU's, not CUDA's)
+        monkeypatch.setattr(model, "cpu_heads", lambda cfg, B, T: False)
         for module, name, log in kernels:
             monkeypatch.setattr(module, "_cpu_backend", lambda: False)
             interpreted = functools.partial(getattr(module, name), interpret=True)

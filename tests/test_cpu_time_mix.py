@@ -129,3 +129,26 @@ def test_decode_steps_match_the_xla_path(synth_model, monkeypatch, qtype, stack_
             np.asarray(getattr(got_st, name)), np.asarray(getattr(want_st, name)),
             rtol=1e-5, atol=1e-6,
         )  # fmt: skip
+
+
+def test_step_under_vmap_equals_one_call_per_slice():
+    """jax.vmap over a leading axis of the rows' inputs and the state: one call per slice."""
+    rng = np.random.default_rng(50)
+    B, H, N, L = 2, 2, 16, 2
+    slices = [_inputs(rng, B, H, N, L) for _ in range(3)]
+    active = jnp.asarray([True, True])
+
+    def one(r, k, v, vf, ups, S):
+        return cpu_kernels.time_mix_step(
+            jnp.int32(1), None, active, r, k, v, vf, ups, slices[0][5], S,
+            eps=EPS, decay_scale=model.DECAY_SCALE, l2_eps=model.L2_EPS,
+        )  # fmt: skip
+
+    stacked = [jnp.stack(parts) for parts in zip(*[(*s[:4], s[6]) for s in slices], strict=True)]
+    ups = tuple(jnp.stack(u) for u in zip(*[s[4] for s in slices], strict=True))
+    r, k, v, vf, S = stacked
+    got = jax.vmap(one)(r, k, v, vf, ups, S)
+    for i, s in enumerate(slices):
+        want = one(*s[:5], s[6])
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g[i], w)
