@@ -11,7 +11,8 @@ strings). With stop strings a block that ran past a match is run again up to it 
 inputs (the same program and keys sample the same tokens), so the result is that of one token
 per call; with stop strings or on_text, blocks are sized to return text about every
 STREAM_SECONDS. A stream that has finished is frozen: its token is fed as padding, which leaves
-its state untouched (one stream: its old state is selected), and its logits and penalties are
+its state untouched (one stream off the CPU's native decode step: its old state is selected,
+`_pads_stopped_rows`), and its logits and penalties are
 selected unchanged, so the returned state of every row is exactly the state after its own last
 consumed token.
 
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 
-from rwkv_jax import backends, checkpoint, sampling
+from rwkv_jax import backends, checkpoint, model, sampling
 from rwkv_jax.errors import InputError, RwkvJaxError
 from rwkv_jax.generate import decode_fn
 from rwkv_jax.gguf import ModelConfig
@@ -62,6 +63,15 @@ def _freeze(active: Array, new: Array, old: Array, batch_axis: int = 0) -> Array
     shape = [1] * new.ndim
     shape[batch_axis] = active.shape[0]
     return jnp.where(active.reshape(shape), new, old)
+
+
+def _pads_stopped_rows(cfg: ModelConfig, B: int) -> bool:
+    """Whether the decode loop feeds a stopped row as padding (else it selects the old state):
+    from 2 rows, and at one row where the CPU's native per-head step updates the WKV state in
+    place (model.cpu_heads), which leaves a padding row's state as it is: the select kept a
+    copy of the whole WKV stack per step. 2-core CPU, 0.1b Q4_K_M, tg128, 8 interleaved rounds
+    (BENCHMARKS.md): select -> padding median 1.047x."""
+    return B > 1 or model.cpu_heads(cfg, B, 1)
 
 
 def _sample_steps(
@@ -99,7 +109,7 @@ def _sample_steps(
         row_keys = jax.vmap(jax.random.fold_in)(keys, positions)  # key of (stream, position)
         tokens = sampling.sample(logits, row_keys, sampler, penalty)
         new_penalty = sampling.update_penalties(penalty, tokens, sampler, weights)
-        if tokens.shape[0] > 1:
+        if _pads_stopped_rows(cfg, tokens.shape[0]):
             # a stopped row is fed as padding: its state stays as it was, with no select over
             # the whole state (at B = 64 on an H200 the select was ~0.9 ms of a 14 ms step)
             new_logits, state = decode_fn()(params, tokens, state, active, cfg=cfg, dtype=dtype)
