@@ -315,6 +315,13 @@ def main() -> None:
     p.add_argument(
         "--mix", default=None, metavar="ROWS:WARPS", help="gpu_mix.DOWN_ROWS and NUM_WARPS"
     )
+    p.add_argument("--mix-add-warps", type=int, default=None, help="gpu_mix.ADD_WARPS")
+    p.add_argument(
+        "--split-consumed",
+        default=None,
+        metavar="RKV:ADDEND",
+        help="gpu_time_mix.RKV_SPLIT and gpu_mix.ADDEND_SPLIT (0 = the matvec's own)",
+    )
     p.add_argument(
         "--layer-unroll", type=int, default=None, help="model.DECODE_LAYER_UNROLL (decode only)"
     )
@@ -346,6 +353,10 @@ def main() -> None:
     gpu_dense.ENABLED = gpu_dense.ENABLED and not a.no_dense
     if a.mix:
         gpu_mix.DOWN_ROWS, gpu_mix.NUM_WARPS = map(int, a.mix.split(":"))
+    gpu_mix.ADD_WARPS = a.mix_add_warps or gpu_mix.ADD_WARPS
+    if a.split_consumed:
+        rkv, add = (int(v) or None for v in a.split_consumed.split(":"))
+        gpu_time_mix.RKV_SPLIT, gpu_mix.ADDEND_SPLIT = rkv, add
     gpu_time_mix.NUM_WARPS = a.time_mix_warps or gpu_time_mix.NUM_WARPS
     if a.time_mix_wide:
         gpu_time_mix.WIDE_ROWS, gpu_time_mix.WIDE_WARPS = map(int, a.time_mix_wide.split(":"))

@@ -26,6 +26,14 @@ every other backend's program (tests/test_gpu_mix.py checks the kernel against i
 The FFN's prologue takes the output matvec's split-K partial sums as the kernel wrote them and
 adds them itself (as gpu_time_mix does for r, k, v); given the summed product, one addend.
 
+Each program issues all of its loads (its rows of a down matrix; x, the addends, the layer
+norm's vectors, the shift state and the mixes it needs) before its first reduction: a
+reduction across warps is a barrier, and loads issued after one wait for it. H200, 2.9b, B = 1
+(`python -m experiments.gpu_trace --cases tg:1:128`, old code from a copy in the same call): the
+time mix's prologue 5.9 -> 5.6 us per call; with ADD_WARPS = 16 and gpu_time_mix.RKV_SPLIT = 5
+too, 528.5 / 525.9 -> 552.1 / 549.5 tok/s (old, new, old, new), and DOWN_ROWS 4 -> 2 on top of
+that 546.8 -> 557.4 (another call).
+
 Measured on an H200 (2.9b Q4_K_M, bf16, `python -m experiments.gpu_trace --cases tg:1:128
 tg:4:64`, base and new in one call): B = 1 341.6 -> 407.7 tok/s, 837 -> 517 kernels per token,
 80.4 us per layer (was 91.4); B = 4 takes the XLA path (MAX_ROWS). Float32 decode with and
@@ -55,9 +63,22 @@ Array = jax.Array
 MAX_ROWS = 1
 # a row is read in power-of-two chunks of at most CHUNK values (Triton's blocks)
 CHUNK = 512
-# LoRA rows per program (fewer where a rank is not a multiple) and warps per program
-DOWN_ROWS = 4
+# LoRA rows per program (fewer where a rank is not a multiple) and warps per program. H200, 2.9b,
+# B = 1 (`python -m experiments.gpu_trace --cases tg:1:128 --mix ROWS:WARPS`, one call, the time
+# mix's prologue per call): 2 x 4 5.3 us (557.4 tok/s), 4 x 4 5.6 us (546.8), 4 x 8 5.8, 2 x 2
+# 10.6, 4 x 2 13.7; before the loads came first, 8 x 4 10.4 us and 16 x 4 16.1 us
+DOWN_ROWS = 2
 NUM_WARPS = 4
+# warps per program of the prologue without LoRA downs (the FFN's: C / CHUNK = 5 programs, each
+# reading the whole row and the output matvec's partial sums for the statistics, ~110 KB at the
+# 2.9b): `--mix-add-warps W`, per call 4 warps 5.9 us, 8 5.0, 16 4.1 (527.2 -> 533.4 / 544.1
+# tok/s, one call); 32 5.1 us against 3.9 at 16 in another (543.7 vs 552.1 tok/s)
+ADD_WARPS = 16
+# the split-K parts of the output matvec whose partial sums the FFN's prologue adds at one row
+# (None: the matvec's own, INT_SPLIT). Fewer parts make the prologue cheaper and the matvec
+# dearer: `--split-consumed 0:P`, P = 5 / 2 / 1: prologue 5.9 -> 4.2 / 3.3 / 3.0 us, matvec
+# +1.1 / +4.5 / +12.2 us per layer; 527.2 -> 527.0 / 513.3 / 455.3 tok/s (4 warps, one call)
+ADDEND_SPLIT = None
 # RWKV_JAX_PALLAS=0 keeps the XLA path on GPUs (as for gpu_kernels)
 ENABLED = os.environ.get("RWKV_JAX_PALLAS", "1") != "0"
 _ACTS = {None: lambda y: y, "tanh": jnp.tanh, "sigmoid": lambda y: 1.0 / (1.0 + jnp.exp(-y))}
@@ -181,44 +202,52 @@ def _call(shapes, dtypes, has_add, outs, downs, dtype, eps, interpret):
                 xj = xj + rounded(functools.reduce(jnp.add, parts))
             return xj
 
-        def stats(b):  # the layer norm's mean and 1/std of row b, from the whole row
-            xs = [x_at(b, pl.ds(j * ch, ch)) for j in range(n_ch)]
+        def at(b, cols, mixes):  # row b's loads at cols: x, LN weight and bias, prev, mixes
+            raw = prev_ref[layer, b, cols]
+            vecs = (lnw_ref[layer, cols], lnb_ref[layer, cols], raw.astype(f32))
+            return x_at(b, cols), vecs, [mix_ref[layer, i, cols] for i in mixes], raw
+
+        def whole_row(b):  # x over the whole row in chunks, for the statistics
+            return [x_at(b, pl.ds(j * ch, ch)) for j in range(n_ch)]
+
+        def stats(xs):  # the layer norm's mean and 1/std of a row, from all of its chunks
             mu = functools.reduce(jnp.add, [jnp.sum(xj) for xj in xs]) / C
             var = functools.reduce(jnp.add, [jnp.sum(jnp.square(xj - mu)) for xj in xs]) / C
             return mu, lax.rsqrt(var + eps)
 
-        def normed(b, cols, mu, rstd, xj=None):  # (x, u = LN(x), d = prev - u) at cols
-            xj = x_at(b, cols) if xj is None else xj
-            u = (xj - mu) * rstd * lnw_ref[layer, cols] + lnb_ref[layer, cols]
-            return xj, u, prev_ref[layer, b, cols].astype(f32) - u
+        def normed(xj, vecs, mu, rstd):  # (u = LN(x), d = prev - u)
+            lnw, lnb, prev = vecs
+            u = (xj - mu) * rstd * lnw + lnb
+            return u, prev - u
 
+        # every program issues all of its loads before its first reduction: a reduction across
+        # warps is a barrier, and loads issued after one wait for it (a chain of L2 round trips)
         def writer():
             cols = pl.ds(pl.multiple_of(p * ch, ch), ch)
-            for b in range(B):
-                mu, rstd = stats(b)
-                xj, u, d = normed(b, cols, mu, rstd)
+            rows = [(whole_row(b), at(b, cols, outs)) for b in range(B)]
+            for b, (xs, (xj, vecs, mixes, raw)) in enumerate(rows):
+                u, d = normed(xj, vecs, *stats(xs))
                 if has_add:
                     xo_ref[b, cols] = xj
-                for o_ref, i in zip(mix_outs, outs, strict=True):
-                    o_ref[b, cols] = (u + d * mix_ref[layer, i, cols]).astype(o_ref.dtype)
+                for o_ref, mix in zip(mix_outs, mixes, strict=True):
+                    o_ref[b, cols] = (u + d * mix).astype(o_ref.dtype)
                 live = act_ref[b, :] != 0.0  # [1]
-                sh_ref[b, cols] = jnp.where(live, u.astype(prev_dtype), prev_ref[layer, b, cols])
+                sh_ref[b, cols] = jnp.where(live, u.astype(prev_dtype), raw)
 
         def down(k):
             i, _, fn = downs[k]
             first, r = tiles[k]
             rows = pl.ds(pl.multiple_of((p - first) * r, r), r)
             w_ref = w_refs[k]
-            # the weight loads first: the statistics' reductions are barriers across warps
-            ws = [w_ref[layer, rows, pl.ds(j * ch, ch)].astype(f32) for j in range(n_ch)]
-            for b in range(B):
-                mu, rstd = stats(b)
+            chunks = [pl.ds(j * ch, ch) for j in range(n_ch)]
+            ws = [w_ref[layer, rows, cols].astype(f32) for cols in chunks]
+            loaded = [[at(b, cols, (i,)) for cols in chunks] for b in range(B)]
+            for b, parts in enumerate(loaded):
+                mu, rstd = stats([xj for xj, *_ in parts])
                 acc = jnp.zeros((r, ch), f32)
-                for j in range(n_ch):
-                    cols = pl.ds(j * ch, ch)
-                    _, u, d = normed(b, cols, mu, rstd)
-                    xi = rounded(u + d * mix_ref[layer, i, cols])
-                    acc = acc + ws[j] * xi[None, :]
+                for w, (xj, vecs, (mix,), _) in zip(ws, parts, strict=True):
+                    u, d = normed(xj, vecs, mu, rstd)
+                    acc = acc + w * rounded(u + d * mix)[None, :]
                 y = rounded(jnp.sum(acc, axis=1))
                 h_refs[k][b, rows] = _ACTS[fn](y).astype(dtype)
 
@@ -241,7 +270,9 @@ def _call(shapes, dtypes, has_add, outs, downs, dtype, eps, interpret):
         grid=(n_programs,),
         in_specs=[whole(s) for s in shapes],
         out_specs=tuple(whole(o.shape) for o in out_shape),
-        compiler_params=gpu_kernels.compiler_params(NUM_WARPS, 1, interpret),
+        compiler_params=gpu_kernels.compiler_params(
+            NUM_WARPS if downs else ADD_WARPS, 1, interpret
+        ),
         interpret=interpret,
         name="rwkv_jax_mix_prologue",
     )

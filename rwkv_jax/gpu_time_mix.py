@@ -76,6 +76,12 @@ NUM_WARPS = 8
 # --time-mix-warps W`, per call at B = 64 / 16: 8 warps 33.1 / 19.6 us, 4 32.1 / 24.1, 2 30.0 /
 # 49.0, 16 47.5 / 20.9 (B = 64 9935 -> 10127 tok/s with 2)
 WIDE_ROWS, WIDE_WARPS = 64, 2
+# split-K parts of the grouped r/k/v matvec whose partial sums the kernel adds at one row (None:
+# the matvec's own, INT_SPLIT = 10 for the C x C matrices): each of the H programs reads 3 x P x N
+# of them. H200, 2.9b, `python -m experiments.gpu_trace --cases tg:1:128 --split-consumed P:0`,
+# one call: P = 5 this kernel 7.8 -> 6.8 us, the r/k/v matvec 7.9 -> 8.4 us, 527.2 -> 532.8
+# tok/s; P = 2: 6.5 us and 9.9 us, 520.2 tok/s
+RKV_SPLIT = 5
 # RWKV_JAX_PALLAS=0 keeps the XLA path on GPUs (as for gpu_kernels)
 ENABLED = os.environ.get("RWKV_JAX_PALLAS", "1") != "0"
 

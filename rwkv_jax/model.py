@@ -447,7 +447,7 @@ def heads_step(
         # one row: the grouped kernel's partial sums [3, P, C, 1] as they are ([3, P, 1, C]:
         # the same bytes); more rows (M > 1: each row's values lie M apart there) or no group:
         # the summed products [3, 1, B, C]
-        parts = quant.group_partials(pairs) if B == 1 else None
+        parts = quant.group_partials(pairs, split=gpu_time_mix.RKV_SPLIT) if B == 1 else None
         if parts is None:
             parts = jnp.stack([y[:, 0] for y in matmuls(pairs, dtype)])[:, None]
         else:
@@ -515,7 +515,11 @@ def ffn_inputs(
     B, _, C = x.shape
 
     def kernel(x, att, prev):
-        parts = quant.group_partials([(blk.output, att)]) if B == 1 else None
+        parts = (
+            quant.group_partials([(blk.output, att)], split=gpu_mix.ADDEND_SPLIT)
+            if B == 1
+            else None
+        )
         if parts is None:  # the summed product as the one addend
             addends = matmul(blk.output, att, dtype)[None, :, 0]  # [1, B, C]
         else:  # [1, P, C, 1]: one row's partial sums, the same bytes as [P, 1, C]

@@ -373,7 +373,7 @@ def _groupable(pairs: Sequence[tuple[Weight | LayerOf, Array]], least: int = 2):
 
 
 def group_partials(
-    pairs: Sequence[tuple[Weight | LayerOf, Array]], summed: bool = False
+    pairs: Sequence[tuple[Weight | LayerOf, Array]], summed: bool = False, split: int | None = None
 ) -> Array | list[Array] | None:
     """For a CUDA branch: the one-launch products of `pairs` (one pair too) as the kernel's
     split-K partial sums, float32 [G, parts, out, M] (gpu_kernels.matmul_group's `partials`), or
@@ -384,7 +384,7 @@ def group_partials(
         return None
     operands, index = group
     xs = [x for _, x in pairs]
-    return gpu_kernels.matmul_group(operands, xs, layer=index, partials=not summed)
+    return gpu_kernels.matmul_group(operands, xs, layer=index, partials=not summed, split=split)
 
 
 def _cpu_native(w: Weight) -> bool:

@@ -48,9 +48,9 @@ def cuda_branch(monkeypatch):
     each (module, function name, log) of `kernels`, module._cpu_backend says False (as on a GPU
     host) and module.<name> runs in Pallas' interpreter, appending log(args) to the list force
     returns. grouped: quant's matmuls leave the native CPU kernels (as off the CPU) and the
-    grouped Pallas matvec runs interpreted too, appending "partials" for each call that hands
-    its split-K partial sums over (other matmuls trace their CUDA branches there too, without
-    partial sums)."""
+    grouped Pallas matvec runs interpreted too, appending ("partials", split) for each call that
+    hands its split-K partial sums over (split: the parts its consumer asked for, None = the
+    matvec's own; other matmuls trace their CUDA branches there too, without partial sums)."""
     from rwkv_jax import gpu_kernels, model, quant
 
     def force(kernels, grouped: bool = False) -> list:
@@ -61,7 +61,7 @@ def cuda_branch(monkeypatch):
 
             def group_spy(*args, **kw):
                 if kw.get("partials"):
-                    calls.append("partials")
+                    calls.append(("partials", kw.get("split")))
                 return group(*args, **kw)
 
             monkeypatch.setattr(gpu_kernels, "matmul_group", group_spy)

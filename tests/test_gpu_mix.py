@@ -138,6 +138,10 @@ def test_lowers_to_triton_for_cuda(with_add):
     ).mlir_module()
     call = [ln for ln in text.splitlines() if "__gpu$xla.gpu.triton" in ln]
     assert len(call) == 1
+    # the prologue without LoRA downs (the FFN's) launches ADD_WARPS warps per program
+    warps = gpu_mix.ADD_WARPS if with_add else gpu_mix.NUM_WARPS
+    assert gpu_mix.ADD_WARPS != gpu_mix.NUM_WARPS  # else this tells nothing
+    assert f"num_warps = {warps} : i32" in call[0]
     assert f"tensor<{L_}x{C_}xf32>" in call[0]  # the whole stacks
     assert f"tensor<{L_}x1x{C_}xbf16>" in call[0]
     assert "dynamic_slice" not in text
@@ -164,7 +168,8 @@ def test_decode_with_kernel_matches_xla(
     jax.clear_caches()
     grouped = qtype == "Q4_K_M" and B == 1
     parts = gpu_kernels._parts(m.config.n_embd // 256, gpu_kernels.SPLIT) if grouped else 1
-    per_layer = [("att", 4)] + ["partials"] * grouped + [("ffn", parts)]
+    # the output matvec's partial sums, in the parts the FFN prologue asks for
+    per_layer = [("att", 4)] + [("partials", gpu_mix.ADDEND_SPLIT)] * grouped + [("ffn", parts)]
     if B > gpu_mix.MAX_ROWS:  # more rows keep the XLA path
         per_layer = []
     # traced once per jit (stacked: the scan body; unrolled: once per layer)
