@@ -163,14 +163,16 @@ def heads_kernel(ups: tuple, cfg: ModelConfig, B: int, T: int) -> bool:
     )
 
 
-def cpu_heads(cfg: ModelConfig, B: int, T: int) -> bool:
-    """Whether one decode token's per-head work runs as one native call on the CPU
-    (cpu_kernels.time_mix_step, which also updates the carried WKV stack in place): the CPU
-    backend, its native kernels built, not metal-safe, a head size of whole 16-lane vectors.
-    2-core CPU, 0.1b Q4_K_M, tg128 against the XLA path (interleaved rounds, BENCHMARKS.md):
-    B = 1 +2-7%, B = 4 +32%, B = 16 +48%."""
+def cpu_heads(cfg: ModelConfig, B: int, T: int, wkv_fn: WkvFn | None = None) -> bool:
+    """Whether the per-head work of B rows of T tokens runs as one native call per layer on the
+    CPU (cpu_kernels.time_mix_step, which also updates the carried WKV stack in place): one
+    decode token, or T tokens whose WKV is the token recurrence (wkv_fn wkv.wkv7_sequential,
+    the CPU's prefill default: the kernel runs that recurrence; a chunked WKV asked for keeps
+    XLA's path); the CPU backend, its native kernels built, not metal-safe, a head size of whole
+    16-lane vectors. 2-core CPU, 0.1b Q4_K_M, tg128 against the XLA path (interleaved rounds,
+    BENCHMARKS.md): B = 1 +2-7%, B = 4 +32%, B = 16 +48%."""
     return (
-        T == 1
+        (T == 1 or wkv_fn is wkv.wkv7_sequential)
         and B >= 1
         and cfg.head_size % 16 == 0
         and jax.default_backend() == "cpu"
@@ -386,8 +388,9 @@ def heads_step(
     """The receptance, key and value matmuls of `rkv` ((W, x) pairs), then heads(). One decode
     token on NVIDIA GPUs takes one kernel (gpu_time_mix) for the heads, which also adds up the
     grouped matvecs' split-K partial sums, and reads the stacked layer `at` in place (or the
-    unstacked `blk` and state S); on the CPU one native call (cpu_kernels.time_mix_step) after
-    the matmuls, writing the state into the carried stack in place."""
+    unstacked `blk` and state S); on the CPU (one decode token, or a prefill step's tokens with
+    the token recurrence: cpu_heads) one native call (cpu_kernels.time_mix_step) after the
+    matmuls, writing the state into the carried stack in place."""
     dtype = span.dtype
     ws = [w for w, _ in rkv]
     B, T, C = rkv[0][1].shape
@@ -407,7 +410,7 @@ def heads_step(
     xs = tuple(x for _, x in rkv)
     if carried:
         S = at.wkv  # type: ignore[union-attr]
-    native = cpu_heads(cfg, B, T)
+    native = cpu_heads(cfg, B, T, span.wkv_fn)
     if not native and not heads_kernel(ups, cfg, B, T):
         return xla(*xs, v_first, S, *hidden)
     names = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_x_w", "ln_x_b")
@@ -421,14 +424,13 @@ def heads_step(
             # the matmuls as the XLA path runs them (native too), then the per-head work in one
             # call that updates this layer's state in place (carried: in the scan's stack)
             r, k, v = matmuls(list(zip(ws, (xr, xk, xv), strict=True)), dtype)
-            products = tuple(matmul(w, h, dtype)[:, 0] for w, h in zip(ups, hidden, strict=True))
+            products = tuple(matmul(w, h, dtype) for w, h in zip(ups, hidden, strict=True))
             stack = S if carried else S[None]
             out, v_first, stack = cpu_kernels.time_mix_step(
-                index, first, span.valid[:, 0], r[:, 0], k[:, 0], v[:, 0], v_first[:, 0],
-                products, vectors, stack,
+                index, first, span.valid, r, k, v, v_first, products, vectors, stack,
                 eps=cfg.group_norm_eps, decay_scale=DECAY_SCALE, l2_eps=L2_EPS,
             )  # fmt: skip
-            return out[:, None].astype(dtype), v_first[:, None], stack if carried else stack[0]
+            return out.astype(dtype), v_first, stack if carried else stack[0]
 
         return lax.platform_dependent(*xs, v_first, S, *hidden, cpu=cpu, default=xla)
     up_values = tuple(_stack_of(w) for w in ups)  # [L, C, D]
@@ -584,7 +586,7 @@ def layers(
         ups = (blocks.w2, blocks.a2, blocks.v2, blocks.g2)
         # (on the CPU: the native per-head step updates it in place at every row count)
         carried = (0 < WKV_IN_PLACE_MIN_ROWS <= B and heads_kernel(ups, cfg, B, T)) or cpu_heads(
-            cfg, B, T
+            cfg, B, T, span.wkv_fn
         )
 
         def body(carry, xs):

@@ -71,7 +71,7 @@ def cuda_branch(monkeypatch):
         fake.platform_dependent = lambda *args, cuda, default: cuda(*args)
         monkeypatch.setattr(model, "lax", fake)
         # as on a GPU host: no native CPU per-head step (its branch is the CPU's, not CUDA's)
-        monkeypatch.setattr(model, "cpu_heads", lambda cfg, B, T: False)
+        monkeypatch.setattr(model, "cpu_heads", lambda *a: False)
         for module, name, log in kernels:
             monkeypatch.setattr(module, "_cpu_backend", lambda: False)
             interpreted = functools.partial(getattr(module, name), interpret=True)

@@ -2029,16 +2029,18 @@ RWKV_HANDLER(Q5_K, 5);
 RWKV_HANDLER(Q6_K, 4);
 
 // ---------------------------------------------------------------------------------------------
-// The per-head work of one decode token (model.heads at T = 1), float32 throughout, for B rows:
-// from r, k, v, the LoRA up products and v_first to the gated output, v_first and the new WKV
-// state, written in place into layer `layer` of the state stack S [L, B, H, N, N] (the result
-// aliases the input). XLA:CPU runs the same work as ~40 small fusions and copies of the state
-// per layer; here it is one pass over each head's state: per value row i, sa_i = S_i . alpha,
-// S_i <- S_i * exp(ld) + v_i k + sa_i beta, y_i = S_i . r. The operations and their order follow
-// model.heads and wkv.wkv7_step; only the summation order of the dot products and norms differs.
-// Vectors (w0, a0, v0, k_k, k_a, r_k, ln_x_w, ln_x_b) are stacks [L', C] read at the layer
-// (L' = 1: one layer's). first: 1 / 0, or -1 = (layer == 0). active[b] == 0: a padding row,
-// whose state is left as it is (v, beta and the log decay taken as 0, as the XLA path does).
+// The per-head work of T tokens (model.heads with the token recurrence, wkv.wkv7_sequential),
+// float32 throughout, for B rows: from r, k, v, the LoRA up products and v_first [B, T, C] (or
+// [B, C]: T = 1, a decode step) to the gated output, v_first and the new WKV state, written in
+// place into layer `layer` of the state stack S [L, B, H, N, N] (the result aliases the input).
+// XLA:CPU runs the same work as ~40 small fusions and copies of the state per layer and token;
+// here each head's state stays in cache through the row's tokens: per token and value row i,
+// sa_i = S_i . alpha, S_i <- S_i * exp(ld) + v_i k + sa_i beta, y_i = S_i . r. The operations
+// and their order follow model.heads and wkv.wkv7_step; only the summation order of the dot
+// products and norms differs. Vectors (w0, a0, v0, k_k, k_a, r_k, ln_x_w, ln_x_b) are stacks
+// [L', C] read at the layer (L' = 1: one layer's). first: 1 / 0, or -1 = (layer == 0).
+// active[b, t] == 0: a padding token, which leaves the state as it is (v, beta and the log decay
+// taken as 0, as the XLA path does).
 
 namespace {
 
@@ -2076,18 +2078,20 @@ ffi::Error time_mix_step(LBuf layer_b, LBuf first_b, LBuf active_b, XBuf r_b, XB
                          YBuf out_b, YBuf vf_out_b, YBuf s_out) {
   const auto sd = s_in.dimensions();
   const auto rd = r_b.dimensions();
-  if (sd.size() != 5 || rd.size() != 2 || sd[3] != sd[4] || sd[3] % 16 != 0 || rd[0] != sd[1] ||
-      rd[1] != sd[2] * sd[3] || s_out->element_count() != s_in.element_count()) {
+  if (sd.size() != 5 || (rd.size() != 2 && rd.size() != 3) || sd[3] != sd[4] || sd[3] % 16 != 0 ||
+      rd[0] != sd[1] || rd[rd.size() - 1] != sd[2] * sd[3] ||
+      s_out->element_count() != s_in.element_count()) {
     return ffi::Error::InvalidArgument("rwkv_jax_time_mix_step: S " + dims_str(sd) + ", r " +
                                        dims_str(rd) +
                                        "; expected S [L, B, H, N, N] (N a multiple of 16), "
-                                       "r [B, H*N]");
+                                       "r [B, T, H*N] or [B, H*N]");
   }
   const int64_t L = sd[0], B = sd[1], H = sd[2], N = sd[3], C = H * N;
+  const int64_t T = rd.size() == 3 ? rd[1] : 1;
   for (const XBuf* a : {&k_b, &v_b, &vf_b, &zw_b, &za_b, &zv_b, &g_b}) {
-    if (a->element_count() != B * C) {
-      return ffi::Error::InvalidArgument("rwkv_jax_time_mix_step: a [B, C] input has " +
-                                         dims_str(a->dimensions()));
+    if (a->element_count() != B * T * C) {
+      return ffi::Error::InvalidArgument("rwkv_jax_time_mix_step: a [B, T, C] input has " +
+                                         dims_str(a->dimensions()) + ", r " + dims_str(rd));
     }
   }
   const int64_t lv = w0_b.element_count() / C;  // layers in the vector stacks
@@ -2097,7 +2101,7 @@ ffi::Error time_mix_step(LBuf layer_b, LBuf first_b, LBuf active_b, XBuf r_b, XB
                                          dims_str(a->dimensions()) + ", expected [L, C]");
     }
   }
-  if (active_b.element_count() != B) {
+  if (active_b.element_count() != B * T) {
     return ffi::Error::InvalidArgument("rwkv_jax_time_mix_step: active has " +
                                        dims_str(active_b.dimensions()));
   }
@@ -2113,9 +2117,8 @@ ffi::Error time_mix_step(LBuf layer_b, LBuf first_b, LBuf active_b, XBuf r_b, XB
     std::memcpy(s_out->typed_data(), s_in.typed_data(), s_in.element_count() * sizeof(float));
   }
   const int64_t nv = N / 16;  // 16-lane vectors per head row
-  // one (row, head) pair per unit of work, shared between the pool's threads: the state read and
-  // written (N * N floats per head, from memory in a decode step) is what a call costs
-  auto unit = [&](int64_t b, int64_t h) {
+  // token bt (= b * T + t) of row b, head h
+  auto token = [&](int64_t bt, int64_t b, int64_t h) {
     static thread_local std::vector<v16f> buf;
     static thread_local std::vector<float> fbuf;
     buf.resize(7 * nv);
@@ -2123,8 +2126,8 @@ ffi::Error time_mix_step(LBuf layer_b, LBuf first_b, LBuf active_b, XBuf r_b, XB
     v16f *kn = buf.data(), *kr = kn + nv, *alpha = kr + nv, *beta = alpha + nv;
     v16f *dec = beta + nv, *vv = dec + nv, *rr = vv + nv;
     float *y = fbuf.data(), *vmix = y + N;
-    const bool act = active_b.typed_data()[b] != 0;
-    const int64_t o = b * C;
+    const bool act = active_b.typed_data()[bt] != 0;
+    const int64_t o = bt * C;
     const float *r = r_b.typed_data() + o, *k = k_b.typed_data() + o, *v = v_b.typed_data() + o;
     const float *vf_in = vf_b.typed_data() + o, *zw = zw_b.typed_data() + o;
     const float *za = za_b.typed_data() + o, *zv = zv_b.typed_data() + o;
@@ -2184,6 +2187,12 @@ ffi::Error time_mix_step(LBuf layer_b, LBuf first_b, LBuf active_b, XBuf r_b, XB
         out[c] = ((y[i] - mu) * rs * lnw[c] + lnb[c] + bon * vmix[i]) * g[c];
       }
     }
+  };
+  // one (row, head) pair per unit of work, shared between the pool's threads: the state read and
+  // written (N * N floats per head, from memory in a decode step) is what a call costs; its
+  // tokens one after another, the state in cache between them
+  auto unit = [&](int64_t b, int64_t h) {
+    for (int64_t t = 0; t < T; ++t) token(b * T + t, b, h);
   };
   const int64_t units = B * H;
   Pool& pool = Pool::get();
