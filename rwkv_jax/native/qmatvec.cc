@@ -2071,6 +2071,43 @@ inline v16f vsigmoid(v16f z) { return 1.0f / (1.0f + vexp(-z)); }
 
 inline void store_f32(float* p, v16f v) { std::memcpy(p, &v, sizeof v); }
 
+// One token's WKV-7 update and readout of one head's state Sh [N, N] (N = 16 nv): per value row
+// i, sa = S_i . alpha (old state), S_i <- S_i * dec + v_i kr + sa beta, y_i = S_i . r.
+struct WkvVectors {
+  const v16f *alpha, *dec, *kr, *beta, *rr, *vv;
+};
+
+// NV > 0: N = 16 NV known here, so the five key-axis vectors stay in registers through the rows
+// (2-core CPU, one call of 128 tokens at the 0.1b's 12 heads of 64, median of 30: 1.60 -> 1.12
+// ms; the group norm's sums as 16-lane vectors too: 0.87 ms); NV = 0: nv at run time. The same
+// operations in the same order either way (bit-identical results).
+template <int NV>
+void wkv_rows(float* Sh, const WkvVectors& w, float* y, int64_t nv_run = 0) {
+  constexpr int kMax = NV > 0 ? NV : 1;
+  const int64_t nv = NV > 0 ? NV : nv_run, N = 16 * nv;
+  v16f al[kMax], de[kMax], kr[kMax], be[kMax], rr[kMax];
+  const v16f *pa = w.alpha, *pd = w.dec, *pk = w.kr, *pb = w.beta, *pr = w.rr;
+  if constexpr (NV > 0) {
+    for (int q = 0; q < NV; ++q) al[q] = w.alpha[q], de[q] = w.dec[q], kr[q] = w.kr[q];
+    for (int q = 0; q < NV; ++q) be[q] = w.beta[q], rr[q] = w.rr[q];
+    pa = al, pd = de, pk = kr, pb = be, pr = rr;
+  }
+  for (int64_t i = 0; i < N; ++i) {
+    float* row = Sh + i * N;
+    v16f sa_v{};
+    for (int64_t q = 0; q < nv; ++q) sa_v += load_f32(row + 16 * q) * pa[q];
+    const float sa = hsum(sa_v);
+    const float vi = w.vv[i / 16][i % 16];
+    v16f y_v{};
+    for (int64_t q = 0; q < nv; ++q) {
+      const v16f sn = load_f32(row + 16 * q) * pd[q] + vi * pk[q] + sa * pb[q];
+      store_f32(row + 16 * q, sn);
+      y_v += sn * pr[q];
+    }
+    y[i] = hsum(y_v);
+  }
+}
+
 ffi::Error time_mix_step(LBuf layer_b, LBuf first_b, LBuf active_b, XBuf r_b, XBuf k_b, XBuf v_b,
                          XBuf vf_b, XBuf zw_b, XBuf za_b, XBuf zv_b, XBuf g_b, XBuf w0_b,
                          XBuf a0_b, XBuf v0_b, XBuf kk_b, XBuf ka_b, XBuf rk_b, XBuf lnw_b,
@@ -2161,26 +2198,23 @@ ffi::Error time_mix_step(LBuf layer_b, LBuf first_b, LBuf active_b, XBuf r_b, XB
       }
       const float bon = hsum(bonus);
       float* Sh = S + (b * H + h) * N * N;
-      for (int64_t i = 0; i < N; ++i) {
-        float* row = Sh + i * N;
-        v16f sa_v{};
-        for (int64_t q = 0; q < nv; ++q) sa_v += load_f32(row + 16 * q) * alpha[q];
-        const float sa = hsum(sa_v);
-        const float vi = vv[i / 16][i % 16];
-        v16f y_v{};
-        for (int64_t q = 0; q < nv; ++q) {
-          const v16f sn = load_f32(row + 16 * q) * dec[q] + vi * kr[q] + sa * beta[q];
-          store_f32(row + 16 * q, sn);
-          y_v += sn * rr[q];
-        }
-        y[i] = hsum(y_v);
+      const WkvVectors wv{alpha, dec, kr, beta, rr, vv};
+      switch (nv) {  // the common head sizes with the row's vectors in registers
+        case 4: wkv_rows<4>(Sh, wv, y); break;
+        case 2: wkv_rows<2>(Sh, wv, y); break;
+        case 8: wkv_rows<8>(Sh, wv, y); break;
+        default: wkv_rows<0>(Sh, wv, y, nv);
       }
-      float mu = 0.0f;
-      for (int64_t i = 0; i < N; ++i) mu += y[i];
-      mu /= static_cast<float>(N);
-      float var = 0.0f;
-      for (int64_t i = 0; i < N; ++i) var += (y[i] - mu) * (y[i] - mu);
-      var /= static_cast<float>(N);
+      // the group norm's mean and variance as 16-lane sums (no chain of N scalar additions)
+      v16f mu_v{};
+      for (int64_t q = 0; q < nv; ++q) mu_v += load_f32(y + 16 * q);
+      const float mu = hsum(mu_v) / static_cast<float>(N);
+      v16f var_v{};
+      for (int64_t q = 0; q < nv; ++q) {
+        const v16f d = load_f32(y + 16 * q) - mu;
+        var_v += d * d;
+      }
+      const float var = hsum(var_v) / static_cast<float>(N);
       const float rs = 1.0f / std::sqrt(var + eps);
       for (int64_t i = 0; i < N; ++i) {
         const int64_t c = h * N + i;
