@@ -104,10 +104,17 @@ INT_SPLIT = 10
 # 528 programs 9084 / 5424, 792 9174 / 5562, 1056 9022 / 5682; on another, with gpu_dense: split
 # 10 9405 / 5907 / 1852, 792 9688 / 6042 / 1725 (B = 8, 16 rows: split 10 kept).
 # MMA_WARPS / MMA_STAGES: its warps per program and pipelining depth (8 warps or 3 stages: B =
-# 64 9027 -> 7840 / 8020 tok/s)
+# 64 9027 -> 7840 / 8020 tok/s). One stage: since the quants are words (8 planes of 32 values, a
+# [32, M] x tile in shared memory each) two stages took 78 KB of shared memory per program, two
+# programs per SM (Nsight Compute: 12.5% occupancy, 800 programs in 3.03 waves for the FFN key
+# matrix). H200, `python -m experiments.gpu_trace --cases tg:64:32 tg:32:32 tg:8:64 --mma ""
+# ::::1 "" ::::1`, one process: 2 -> 1 stage B = 64 10096.7 / 9975.8 -> 10682.4 / 10879.1
+# tok/s, B = 32 6952.3 / 6899.4 -> 7063.8 / 7011.2, B = 8 1886.2 / 1885.2 -> 1993.6 / 2001.7;
+# per matrix at 64 rows (`gpu_sweep --rows 64`, all kernels) FFN key 43.1 -> 33.5 us, FFN
+# value 46.0 -> 37.0 us, the C x C matrices level.
 MMA_SPLIT = 10
 MMA_WIDE_M, MMA_PROGRAMS = 32, 792
-MMA_WARPS, MMA_STAGES = 4, 2
+MMA_WARPS, MMA_STAGES = 4, 1
 # matrices of at least WIDE_OUT rows (the head) take WIDE_ROWS rows per program: 92.5 us against
 # 106.2 us with 32 (Q6_K 65536 x 2560, same sweep)
 WIDE_OUT, WIDE_ROWS = 32768, 64

@@ -232,6 +232,12 @@ def test_lowers_to_triton_for_cuda(cls, rows, split, factored, x_dtype, layout):
     assert text.count("__gpu$xla.gpu.triton") == 1
     ints = layout == "words" and x_dtype == jnp.bfloat16 and rows <= gpu_kernels.MAX_ROWS
     assert ("dp4a" in text) == ints
+    # the tensor-core kernel (more rows) is pipelined MMA_STAGES deep, the others NUM_STAGES
+    assert gpu_kernels.MMA_STAGES != gpu_kernels.NUM_STAGES  # else this tells nothing
+    mma = rows > gpu_kernels.MAX_ROWS
+    stages = gpu_kernels.MMA_STAGES if mma else gpu_kernels.NUM_STAGES
+    call = [ln for ln in text.splitlines() if "__gpu$xla.gpu.triton" in ln]
+    assert f"num_stages = {stages} : i32" in call[0]
 
 
 @pytest.mark.parametrize("rows", [3, 16])
