@@ -358,7 +358,9 @@ def _call(
     # all kernels per matrix, row by row -> at once: 4 rows r/k/v 23.0 -> 18.1 us, FFN key
     # 27.3 -> 20.1, FFN value Q4_K 40.4 -> 23.2, Q6_K 44.6 -> 23.7; 2 rows 15.0 -> 14.1, 16.8
     # -> 15.7, 19.1 -> 17.1, 21.2 -> 17.2; generation loop (gpu_trace tg:B) B = 4 903.3 ->
-    # 1165.4, B = 3 698.5 -> 905.9, B = 2 706.8 -> 752.8 tok/s (B = 1: unchanged code)
+    # 1165.4, B = 3 698.5 -> 905.9, B = 2 706.8 -> 752.8 tok/s (B = 1: unchanged code). The
+    # float factored step (float32 x) stays row by row: written the same way it lost (a float32
+    # model, `gpu_trace --dtype float32`: B = 4 973.8 -> 723.9, B = 2 663.9 -> 545.9 tok/s)
     lead = (m,) if m > 1 else ()
 
     def int_step(get, s, ins, acc):

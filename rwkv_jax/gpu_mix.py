@@ -59,7 +59,11 @@ Array = jax.Array
 
 # rows this kernel takes. Each program goes over its rows one after another, and at B = 4 one
 # call took 24.3 us against 6.9 us at one row (H200, 2.9b: the generation loop ran 820.1 ->
-# 747.5 tok/s with it, 344.5 -> 378.7 at one row), so more rows keep the XLA path
+# 747.5 tok/s with it, 344.5 -> 378.7 at one row), so more rows keep the XLA path. Every row at
+# once ([B, chunk] tensors, as gpu_kernels' integer step does) lost too: each LoRA program
+# still loads every row's whole x for the statistics, and the time mix's prologue took 22.4 us
+# per call at B = 4 (15.2 at B = 2); `gpu_trace --cases tg:4:64 tg:2:64`, one call: B = 4
+# 1150.7 -> 1099.4, B = 2 739.2 -> 730.8 tok/s
 MAX_ROWS = 1
 # a row is read in power-of-two chunks of at most CHUNK values (Triton's blocks)
 CHUNK = 512
