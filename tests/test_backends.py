@@ -18,6 +18,7 @@ from rwkv_jax import backends, doctor, quant
 from rwkv_jax.backends import Plugin
 from rwkv_jax.errors import ConfigError
 from rwkv_jax.generate import decode_step_kept, prefill_call
+from tests.jaxprs import equations
 
 # metal-safe prefill runs the token recurrence, the default the chunked form: they differ only
 # in float32 summation order, the bound test_prefill.py uses for chunked vs sequential (logits
@@ -213,15 +214,7 @@ def test_int8_fields_unpack_bit_identically(profile):
 
 def _primitives(jaxpr) -> set[str]:
     """Names of every primitive in a (closed) jaxpr, nested jaxprs (jit, cond, scan) included."""
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
-    names = set()
-    for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
-        for v in eqn.params.values():
-            for j in v if isinstance(v, tuple | list) else [v]:
-                if hasattr(j, "eqns") or hasattr(getattr(j, "jaxpr", None), "eqns"):
-                    names |= _primitives(j)
-    return names
+    return {eqn.primitive.name for eqn in equations(jaxpr)}
 
 
 def test_metal_safe_model_matches_default(synth_model, profile):

@@ -10,6 +10,7 @@ import pytest
 from jax import export
 
 from rwkv_jax import backends, gpu_kernels, quant
+from tests.jaxprs import equations
 from tests.test_quant import _bound_matrix, _random_raw, _reference
 
 KERNEL_FORMATS = [quant.Q4_K, quant.Q6_K]
@@ -453,39 +454,20 @@ def test_integer_path_splits_long_rows_into_int_split_parts(x_dtype, layout):
     assert got == gpu_kernels._parts(40, split)
 
 
-def _count(jaxpr, name: str) -> int:
-    """Equations of primitive `name` in a (closed) jaxpr, nested jaxprs (the kernel's) included."""
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == name
-        for v in eqn.params.values():
-            for j in v if isinstance(v, tuple | list) else [v]:
-                if hasattr(j, "eqns") or hasattr(getattr(j, "jaxpr", None), "eqns"):
-                    n += _count(j, name)
-    return n
-
-
 @pytest.mark.parametrize("cls", KERNEL_FORMATS, ids=lambda c: c.__name__)
-def test_integer_path_takes_every_row_at_once(cls):
+@pytest.mark.parametrize("layout", ["words"], indirect=True)
+def test_integer_path_takes_every_row_at_once(cls, layout):
     """Over words with bf16 x, 2-4 rows go through each plane's dp4a call together: the kernel
     holds as many dp4a calls at 4 rows as at one (row by row it held 4x as many, and each added
     row cost about what the weights' unpacking does)."""
-    before = backends.requested_profile()
-    backends.set_profile("gpu")
-    try:
-        shape = (2560, 256)
-        w = cls.from_raw(_random_raw(cls, shape, np.random.default_rng(9)), shape)
-        f = lambda w, x: gpu_kernels.matmul(w, x)  # noqa: E731
-        counts = [
-            _count(jax.make_jaxpr(f)(w, jnp.ones((rows, 256), jnp.bfloat16)), name)
-            for rows in (1, 2, 4)
-            for name in ("pallas_call", "elementwise_inline_asm_p")
-        ]
-    finally:
-        backends.set_profile(before)
-    calls, asm = counts[0::2], counts[1::2]
-    assert calls == [1, 1, 1] and asm[0] > 0 and asm == [asm[0]] * 3
+    shape = (2560, 256)
+    w = cls.from_raw(_random_raw(cls, shape, np.random.default_rng(9)), shape)
+    counts = []
+    for rows in (1, 2, 4):
+        x = jnp.ones((rows, shape[1]), jnp.bfloat16)
+        names = [eqn.primitive.name for eqn in equations(jax.make_jaxpr(gpu_kernels.matmul)(w, x))]
+        counts.append((names.count("pallas_call"), names.count("elementwise_inline_asm_p")))
+    assert counts[0][1] > 0 and counts == [(1, counts[0][1])] * 3
 
 
 def test_consumer_split_sets_the_parts(layout):

@@ -15,6 +15,7 @@ from jax import export
 import rwkv_jax
 from rwkv_jax import gpu_kernels, gpu_mix, model, quant
 from rwkv_jax.generate import decode_step
+from tests.jaxprs import equations
 
 C, L = 96, 3  # 96: chunks of 32 (three per row)
 RANKS = (24, 16, 8, 40)  # w, a, v, g: 24 and 40 take tiles of 8, not DOWN_ROWS
@@ -198,20 +199,11 @@ def test_gpu_decode_takes_several_layers_per_scan_iteration(monkeypatch, synth_m
             fn = lambda p, t, s: model.forward(p, m.config, t, s, dtype=m.dtype)  # noqa: E731
         jaxpr = jax.make_jaxpr(fn)(m.params, jnp.zeros((1, T) if T > 1 else (1,), jnp.int32),
                                    m.new_state(1))  # fmt: skip
-        found = []
-
-        def walk(jp):
-            for eqn in jp.eqns:
-                if eqn.primitive.name == "scan" and eqn.params["length"] == m.config.n_layer:
-                    found.append(eqn.params["unroll"])
-                for v in eqn.params.values():  # sub-jaxprs (open or closed), alone or in tuples
-                    for sub in v if isinstance(v, tuple | list) else (v,):
-                        sub = getattr(sub, "jaxpr", sub)
-                        if hasattr(sub, "eqns"):
-                            walk(sub)
-
-        walk(jaxpr.jaxpr)
-        return found
+        return [
+            eqn.params["unroll"]
+            for eqn in equations(jaxpr)
+            if eqn.primitive.name == "scan" and eqn.params["length"] == m.config.n_layer
+        ]
 
     def run():
         logits, st = decode_steps(m, toks)
