@@ -26,7 +26,8 @@
 // unpacked once for all MB rows), and sums lanes for 16 weight rows together. From
 // kTiledMinRows activation rows (prefill) the blocks are unpacked into float32 tiles instead and
 // multiplied by a register-blocked microkernel (`rows_tiled`). The vectors are
-// GCC/clang vector extensions (AVX-512, AVX2, NEON or plain C++, whatever -march gives); the
+// GCC/clang vector extensions (AVX-512, AVX2, NEON or plain C++, whatever -march gives), or
+// under GCC without 64-byte registers a struct of native-width ones (Wide, below); the
 // decode-critical Q4_K (16-entry lookup tables via vpermps) and Q6_K (whole-half bit unpacking)
 // have AVX-512 paths, and at one row their own factored kernels. Rows of W are split between a
 // thread pool (created on first use) and the calling thread; a call takes the pool only if no
@@ -70,11 +71,136 @@ namespace ffi = xla::ffi;
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// 16-lane vectors (GCC/clang vector extensions: zmm with AVX-512, 2 ymm with AVX2, NEON x4)
+// 16-lane vectors: zmm with AVX-512, 2 ymm with AVX2, 4 q-registers with NEON.
+//
+// GCC/clang vector extensions of 64 bytes where the target has 64-byte registers (AVX-512) or
+// the compiler splits them into registers itself (clang). GCC without 64-byte registers gives a
+// 64-byte vector type no machine mode: every variable of it lives on the stack and each
+// operation moves its halves through memory and general registers (GCC 12, AVX2: the tiled
+// prefill kernel's accumulators stored and reloaded around every multiply-add). There the 16
+// lanes are a struct of native-width vectors (Wide, below) with the same operators, so the
+// code above the types reads the same on every target. RWKV_WIDE_STRUCT=0/1 forces either.
+#ifndef RWKV_WIDE_STRUCT
+#if defined(__AVX512F__) || defined(__clang__)
+#define RWKV_WIDE_STRUCT 0
+#else
+#define RWKV_WIDE_STRUCT 1
+#endif
+#endif
 
+#if RWKV_WIDE_STRUCT
+#if defined(__AVX__)
+constexpr int kPartBytes = 32;  // ymm
+#else
+constexpr int kPartBytes = 16;  // xmm (SSE2) or a q-register (NEON)
+#endif
+template <class E>
+struct PartOf {  // the native vector of elements E
+  typedef E type __attribute__((vector_size(kPartBytes)));
+};
+
+// 16 lanes of E as 64 / kPartBytes native vectors; an aggregate (E{} is all zeros).
+template <class E>
+struct Wide {
+  using P = typename PartOf<E>::type;
+  using Elem = E;
+  static constexpr int kParts = 64 / kPartBytes, kLanes = kPartBytes / sizeof(E);
+  P v[kParts];
+  E operator[](int i) const { return v[i / kLanes][i % kLanes]; }
+};
+
+// Element-wise operators: vector op vector, vector op scalar, scalar op vector, op=.
+#define RWKV_WIDE_BINARY(op)                                                            \
+  template <class E>                                                                    \
+  inline Wide<E> operator op(Wide<E> a, const Wide<E>& b) {                             \
+    for (int k = 0; k < Wide<E>::kParts; ++k) a.v[k] = a.v[k] op b.v[k];                \
+    return a;                                                                           \
+  }                                                                                     \
+  template <class E, class S, class = std::enable_if_t<std::is_arithmetic_v<S>>>        \
+  inline Wide<E> operator op(Wide<E> a, S s) {                                          \
+    for (int k = 0; k < Wide<E>::kParts; ++k) a.v[k] = a.v[k] op static_cast<E>(s);     \
+    return a;                                                                           \
+  }                                                                                     \
+  template <class E, class S, class = std::enable_if_t<std::is_arithmetic_v<S>>>        \
+  inline Wide<E> operator op(S s, Wide<E> a) {                                          \
+    for (int k = 0; k < Wide<E>::kParts; ++k) a.v[k] = static_cast<E>(s) op a.v[k];     \
+    return a;                                                                           \
+  }                                                                                     \
+  template <class E, class B>                                                           \
+  inline Wide<E>& operator op##=(Wide<E>& a, const B& b) {                              \
+    return a = a op b;                                                                  \
+  }
+RWKV_WIDE_BINARY(+)
+RWKV_WIDE_BINARY(-)
+RWKV_WIDE_BINARY(*)
+RWKV_WIDE_BINARY(/)
+RWKV_WIDE_BINARY(&)
+RWKV_WIDE_BINARY(|)
+RWKV_WIDE_BINARY(<<)
+RWKV_WIDE_BINARY(>>)
+#undef RWKV_WIDE_BINARY
+
+template <class E>
+inline Wide<E> operator-(Wide<E> a) {
+  for (int k = 0; k < Wide<E>::kParts; ++k) a.v[k] = -a.v[k];
+  return a;
+}
+
+// Comparisons give lane masks (-1 / 0 in int32 lanes), as the vector extensions do.
+#define RWKV_WIDE_COMPARE(op)                                                                \
+  template <class E>                                                                         \
+  inline Wide<int32_t> operator op(const Wide<E>& a, const Wide<E>& b) {                     \
+    Wide<int32_t> m;                                                                         \
+    for (int k = 0; k < Wide<E>::kParts; ++k) m.v[k] = a.v[k] op b.v[k];                     \
+    return m;                                                                                \
+  }
+RWKV_WIDE_COMPARE(<)
+RWKV_WIDE_COMPARE(>)
+#undef RWKV_WIDE_COMPARE
+
+typedef Wide<float> v16f;
+typedef Wide<int32_t> v16i;
+typedef Wide<uint32_t> v16u;
+
+// Same bits, other lane type (reinterpret_cast between vector types).
+template <class To, class From>
+inline To vcast(const From& a) {
+  To t;
+  for (int k = 0; k < From::kParts; ++k) t.v[k] = reinterpret_cast<typename To::P>(a.v[k]);
+  return t;
+}
+// Lane-wise value conversion (__builtin_convertvector).
+template <class To, class From>
+inline To vconvert(const From& a) {
+  To t;
+  for (int k = 0; k < From::kParts; ++k) t.v[k] = __builtin_convertvector(a.v[k], typename To::P);
+  return t;
+}
+// mask ? a : b per lane.
+template <class V>
+inline V vselect(const v16i& mask, const V& a, const V& b) {
+  V t;
+  for (int k = 0; k < V::kParts; ++k) t.v[k] = mask.v[k] ? a.v[k] : b.v[k];
+  return t;
+}
+#else
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
+
+template <class To, class From>
+inline To vcast(const From& a) {
+  return reinterpret_cast<To>(a);
+}
+template <class To, class From>
+inline To vconvert(const From& a) {
+  return __builtin_convertvector(a, To);
+}
+template <class V>
+inline V vselect(const v16i& mask, const V& a, const V& b) {
+  return mask ? a : b;
+}
+#endif
 typedef uint8_t v16b __attribute__((vector_size(16)));
 typedef int8_t v16sb __attribute__((vector_size(16)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
@@ -87,11 +213,41 @@ constexpr int kMaxRows = 8;  // activation rows per pass: 8 x NA accumulators fi
 constexpr int kMaxRows = 4;  // 16 ymm (AVX2) / 32 q-registers (NEON) hold fewer v16f
 #endif
 
+// Loads and stores by parts under the struct: one memcpy of the whole struct goes through a
+// stack copy in 16-byte pieces, and the 32-byte loads after them wait for store forwarding.
 inline v16f load_f32(const float* p) {
   v16f v;
+#if RWKV_WIDE_STRUCT
+  for (int k = 0; k < v16f::kParts; ++k) std::memcpy(&v.v[k], p + k * v16f::kLanes, kPartBytes);
+#else
   std::memcpy(&v, p, sizeof v);
+#endif
   return v;
 }
+
+inline void store_f32(float* p, v16f v) {
+#if RWKV_WIDE_STRUCT
+  for (int k = 0; k < v16f::kParts; ++k) std::memcpy(p + k * v16f::kLanes, &v.v[k], kPartBytes);
+#else
+  std::memcpy(p, &v, sizeof v);
+#endif
+}
+
+#if defined(__AVX__)
+// A 16-lane vector from two 8-lane halves.
+template <class V, class H>
+inline V join(H lo, H hi) {
+  V v;
+#if RWKV_WIDE_STRUCT
+  v.v[0] = reinterpret_cast<typename V::P>(lo);
+  v.v[1] = reinterpret_cast<typename V::P>(hi);
+#else
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+#endif
+  return v;
+}
+#endif
 
 inline v16b load_u8(const uint8_t* p) {
   v16b v;
@@ -106,10 +262,12 @@ inline v16i u8_to_i32(v16b q) {
   return reinterpret_cast<v16i>(_mm512_cvtepu8_epi32(reinterpret_cast<__m128i>(q)));
 #elif defined(__AVX2__)
   const __m128i b = reinterpret_cast<__m128i>(q);
-  const __m256i lo = _mm256_cvtepu8_epi32(b), hi = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
+  return join<v16i>(_mm256_cvtepu8_epi32(b), _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+#elif RWKV_WIDE_STRUCT
+  alignas(64) int32_t t[16];
+  for (int i = 0; i < 16; ++i) t[i] = q[i];
   v16i v;
-  std::memcpy(&v, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  std::memcpy(&v, t, sizeof v);
   return v;
 #else
   return __builtin_convertvector(q, v16i);
@@ -121,17 +279,19 @@ inline v16i s8_to_i32(v16sb q) {
   return reinterpret_cast<v16i>(_mm512_cvtepi8_epi32(reinterpret_cast<__m128i>(q)));
 #elif defined(__AVX2__)
   const __m128i b = reinterpret_cast<__m128i>(q);
-  const __m256i lo = _mm256_cvtepi8_epi32(b), hi = _mm256_cvtepi8_epi32(_mm_srli_si128(b, 8));
+  return join<v16i>(_mm256_cvtepi8_epi32(b), _mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+#elif RWKV_WIDE_STRUCT
+  alignas(64) int32_t t[16];
+  for (int i = 0; i < 16; ++i) t[i] = q[i];
   v16i v;
-  std::memcpy(&v, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  std::memcpy(&v, t, sizeof v);
   return v;
 #else
   return __builtin_convertvector(q, v16i);
 #endif
 }
 
-inline v16f i32_to_f32(v16i q) { return __builtin_convertvector(q, v16f); }  // exact here
+inline v16f i32_to_f32(v16i q) { return vconvert<v16f>(q); }  // exact here
 
 inline v16f u8_to_f32(v16b q) { return i32_to_f32(u8_to_i32(q)); }
 
@@ -145,8 +305,13 @@ inline const T* launder(const T* p) {
 
 inline float hsum(v16f v) {
   v8f lo, hi;
+#if RWKV_WIDE_STRUCT && defined(__AVX__)
+  lo = v.v[0];  // the same halves, without a trip through memory
+  hi = v.v[1];
+#else
   std::memcpy(&lo, &v, sizeof lo);
   std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+#endif
   v8f s8 = lo + hi;
   v4f a, b;
   std::memcpy(&a, &s8, sizeof a);
@@ -182,16 +347,12 @@ inline v16f f16x16_to_f32(const uint16_t* p) {
   return reinterpret_cast<v16f>(
       _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 #elif defined(__F16C__)
-  __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
-  v16f v;
-  std::memcpy(&v, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
-  return v;
+  return join<v16f>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+                    _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
 #else
-  v16f v;
-  for (int i = 0; i < 16; ++i) v[i] = f16_to_f32(p[i]);
-  return v;
+  float t[16];
+  for (int i = 0; i < 16; ++i) t[i] = f16_to_f32(p[i]);
+  return load_f32(t);
 #endif
 }
 
@@ -203,18 +364,28 @@ inline float bf16_to_f32(uint16_t h) {
 }
 
 inline v16f bf16x16_to_f32(const uint16_t* p) {
+#if RWKV_WIDE_STRUCT
+  typedef uint16_t half_part __attribute__((vector_size(kPartBytes / 2)));
+  v16u bits;
+  for (int k = 0; k < v16u::kParts; ++k) {
+    half_part h;
+    std::memcpy(&h, p + k * v16u::kLanes, sizeof h);
+    bits.v[k] = __builtin_convertvector(h, v16u::P) << 16;
+  }
+#else
   v16h h;
   std::memcpy(&h, p, sizeof h);
   v16u bits = __builtin_convertvector(h, v16u) << 16;
-  return reinterpret_cast<v16f>(bits);
+#endif
+  return vcast<v16f>(bits);
 }
 
 // Round-to-nearest-even to bfloat16, kept in float32 (low 16 bits cleared): for every finite
 // float32 the value XLA's convert f32 -> bf16 gives (and vcvtne(2)ps2bf16 for normal inputs).
 inline v16f round_bf16(v16f v) {
-  v16u u = reinterpret_cast<v16u>(v);
+  v16u u = vcast<v16u>(v);
   u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-  return reinterpret_cast<v16f>(u);
+  return vcast<v16f>(u);
 }
 
 inline float round_bf16(float f) {
@@ -296,10 +467,13 @@ struct Q4_1 {
 inline void q5_high_bits(const uint8_t* qh, v16i& h_lo, v16i& h_hi) {
   uint32_t bits;
   std::memcpy(&bits, qh, 4);
-  const v16u lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  alignas(64) static constexpr uint32_t kLane[16] = {0, 1, 2,  3,  4,  5,  6,  7,
+                                                     8, 9, 10, 11, 12, 13, 14, 15};
+  v16u lane;
+  std::memcpy(&lane, kLane, sizeof lane);
   const v16u all = v16u{} + bits;
-  h_lo = reinterpret_cast<v16i>(((all >> lane) & 1u) << 4);
-  h_hi = reinterpret_cast<v16i>(((all >> (lane + 16u)) & 1u) << 4);
+  h_lo = vcast<v16i>(((all >> lane) & 1u) << 4);
+  h_hi = vcast<v16i>(((all >> (lane + 16u)) & 1u) << 4);
 }
 
 // Q5_0 {f16 d; u8 qh[4]; u8 qs[16]}: x = d * (q5 - 16).
@@ -1265,7 +1439,7 @@ void rows_tiled(const Problem& p, int64_t r0, int64_t r1) {
                 std::memcpy(dst + 16 * c, &h, sizeof h);
 #endif
               } else {
-                std::memcpy(dst + 16 * c, &v, sizeof v);
+                store_f32(dst + 16 * c, v);
               }
             });
           }
@@ -2049,8 +2223,8 @@ namespace {
 // subnormal results: the decays and sigmoids here stay far inside).
 inline v16f vexp(v16f x) {
   const v16f lo = v16f{} - 87.3f, hi = v16f{} + 88.7f;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
+  x = vselect(x < lo, lo, x);
+  x = vselect(x > hi, hi, x);
   const v16f magic = v16f{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const v16f n = (x * 1.44269504088896341f + magic) - magic;
   const v16f f = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -2061,15 +2235,12 @@ inline v16f vexp(v16f x) {
   p = p * f + 1.6666665459e-1f;
   p = p * f + 5.0000001201e-1f;
   const v16f y = p * f * f + f + 1.0f;
-  const v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
-  v16f scale;
-  std::memcpy(&scale, &e, sizeof scale);
-  return y * scale;
+  const v16i e = (vconvert<v16i>(n) + 127) << 23;
+  return y * vcast<v16f>(e);
 }
 
 inline v16f vsigmoid(v16f z) { return 1.0f / (1.0f + vexp(-z)); }
 
-inline void store_f32(float* p, v16f v) { std::memcpy(p, &v, sizeof v); }
 
 // One token's WKV-7 update and readout of one head's state Sh [N, N] (N = 16 nv): per value row
 // i, sa = S_i . alpha (old state), S_i <- S_i * dec + v_i kr + sa beta, y_i = S_i . r.
@@ -2334,6 +2505,11 @@ extern "C" const char* rwkv_qmatvec_info() {
       "generic"
 #endif
       + " threads=" + std::to_string(Pool::get().size()) +
+#if RWKV_WIDE_STRUCT
+      " v16=" + std::to_string(64 / kPartBytes) + "x" + std::to_string(8 * kPartBytes) + "bit" +
+#else
+      " v16=vector_ext" +
+#endif
       " rows_per_pass=" + std::to_string(kMaxRows) + " tile_min_rows=" +
       std::to_string(kTiledMinRows) + " tile_kc=" + std::to_string(kKc) +
       " tile=" + std::to_string(kMr) + "x" + std::to_string(kNr) +
