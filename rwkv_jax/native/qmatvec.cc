@@ -320,6 +320,14 @@ inline float hsum(v16f v) {
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
+#if defined(__AVX__)
+// The lane sum of 8 floats (hsum after its first step).
+inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  return (s[0] + s[2]) + (s[1] + s[3]);
+}
+#endif
+
 // IEEE binary16 -> binary32, exact (subnormals, inf and NaN included).
 inline float f16_to_f32(uint16_t h) {
 #if defined(__F16C__)
@@ -408,11 +416,13 @@ struct Problem {
   int64_t m, in, out;
   int64_t nb;         // blocks per weight row (dense: full 16-element runs per row)
   int64_t xs;         // floats from one activation row to the next (in, or padded: see run)
-  // one activation row, Q4_K (AVX-512): per block 16 floats, 0 x 8 then the sums of x over the
-  // 8 sub-blocks (see q4k_row1); nullptr elsewhere
+  // one activation row, Q4_K (AVX-512, AVX2): per block 16 floats, 0 x 8 then the sums of x
+  // over the 8 sub-blocks (see q4k_row1); nullptr elsewhere
   const float* xsum = nullptr;
   // one activation row, Q6_K (AVX-512 BW): x permuted and summed per block (see q6k_row1)
   const float* xperm = nullptr;
+  // one activation row, Q6_K (AVX2): the sums of x over each 16-value sub-block (q6k_row1_avx2)
+  const float* xsub = nullptr;
   // bfloat16 activations (the *_bf16 targets): x is nullptr, xb [m, in] with rows xbs apart
   const uint16_t* xb = nullptr;
   int64_t xbs = 0;
@@ -622,11 +632,8 @@ inline void k4_scales(const uint8_t* s, float d, float dmin, float* dl, float* m
   }
 }
 
-#if defined(__AVX512F__)
-// The same 16 numbers with vector arithmetic: s[0..7] = d*sc, s[8..15] = -(dmin*mn) (the sign
-// flip is exact). The 6-bit fields are regrouped into bytes sc[0..7], mn[0..7] first.
-inline void k4_scales_vec(const uint8_t* s12, float d, float dmin, float* s) {
-  uint32_t u[4];
+// The 6-bit fields of a K4 scales[12] regrouped into bytes sc[0..7], mn[0..7].
+inline void k4_regroup(const uint8_t* s12, uint32_t* u) {
   std::memcpy(u, s12, 12);
   const uint32_t lo6 = 0x3f3f3f3fu, lo4 = 0x0f0f0f0fu, top2 = 0x03030303u;
   u[3] = ((u[2] >> 4) & lo4) | (((u[1] >> 6) & top2) << 4);  // mn[4..7]
@@ -634,10 +641,29 @@ inline void k4_scales_vec(const uint8_t* s12, float d, float dmin, float* s) {
   u[1] = (u[2] & lo4) | (((u[0] >> 6) & top2) << 4);          // sc[4..7]
   u[2] = mn03;
   u[0] &= lo6;  // sc[0..3]
+}
+
+#if defined(__AVX512F__)
+// The same 16 numbers with vector arithmetic: s[0..7] = d*sc, s[8..15] = -(dmin*mn) (the sign
+// flip is exact); s 64-byte aligned.
+inline void k4_scales_vec(const uint8_t* s12, float d, float dmin, float* s) {
+  uint32_t u[4];
+  k4_regroup(s12, u);
   const __m512 v = _mm512_cvtepi32_ps(
       _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u))));
   const __m512 scale = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(d), _mm512_set1_ps(-dmin));
   _mm512_store_ps(s, _mm512_mul_ps(v, scale));
+}
+#elif defined(__AVX2__)
+// As above, in two halves of 8; s 32-byte aligned.
+inline void k4_scales_vec(const uint8_t* s12, float d, float dmin, float* s) {
+  uint32_t u[4];
+  k4_regroup(s12, u);
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
+  const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+  const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
+  _mm256_store_ps(s, _mm256_mul_ps(sc, _mm256_set1_ps(d)));
+  _mm256_store_ps(s + 8, _mm256_mul_ps(mn, _mm256_set1_ps(-dmin)));
 }
 #endif
 
@@ -1191,6 +1217,168 @@ inline void q6k_xprep(const float* x, int64_t nb, float* xp) {
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// ---------------------------------------------------------------------------------------------
+// One-row kernels for AVX2 (decode), 8-lane: the factored forms of the AVX-512 kernels above,
+// the same arithmetic per term (hence the same error bounds), lanes over 8 values. GCC keeps
+// these in ymm registers itself (no 16-lane type involved).
+
+// Lane sums of 8 vectors: lane k of the result = sum of v[k] (hadd tree, then 128-bit halves).
+inline __m256 reduce8(const __m256* v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  // a: rows 0-3 over lanes 0-3 (low half) and 4-7 (high half); b: rows 4-7
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// Rows [r0, r1) of y = x · Wᵀ for one activation row through an 8-lane one-row kernel `row`.
+template <class Row>
+inline void rows1_avx2(const Problem& p, int64_t r0, int64_t r1, Row row) {
+  for (int64_t g = r0; g < r1; g += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, r1 - g));
+    if (n == 8) {
+      __m256 part[8];
+      for (int k = 0; k < 8; ++k) part[k] = row(p, g + k);
+      _mm256_storeu_ps(p.y + g, reduce8(part));
+    } else {
+      for (int k = 0; k < n; ++k) p.y[g + k] = hsum8(row(p, g + k));
+    }
+  }
+}
+
+// Q4_K at one activation row, as q4k_row1: per sub-block j of 32 values,
+//   dl_j * (sum_l q_l x_l) - ml_j * X_j,
+// X_j from p.xsum (q4k_xsum), 8 values per multiply-add. Returns 8 partial sums of row r.
+inline __m256 q4k_row1_avx2(const Problem& p, int64_t r) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), accb = _mm256_setzero_ps();
+  const __m256i m15 = _mm256_set1_epi32(15);
+  for (int64_t b = 0; b < p.nb; ++b) {
+    const int64_t i = r * p.nb + b;
+    alignas(32) float s[16];  // d*sc[0..7], -dmin*mn[0..7]
+    k4_scales_vec(field<uint8_t>(p, 2) + 12 * i, f16_to_f32(field<uint16_t>(p, 0)[i]),
+                  f16_to_f32(field<uint16_t>(p, 1)[i]), s);
+    const float* sl = launder(s);
+    accb = _mm256_fmadd_ps(_mm256_load_ps(sl + 8), _mm256_loadu_ps(p.xsum + 16 * b + 8), accb);
+    const uint8_t* qs = field<uint8_t>(p, 3) + 128 * i;
+    const float* x = p.x + 256 * b;
+    prefetch(qs + 128 * kRowPrefetch, 2);  // see kRowPrefetch
+    prefetch(field<uint8_t>(p, 2) + 12 * (i + kRowPrefetch), 1);
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {  // bytes 32g..32g+31: sub-block 2g (low), 2g+1 (high nibbles)
+      __m256 t = _mm256_setzero_ps(), u = _mm256_setzero_ps();
+#pragma GCC unroll 4
+      for (int h = 0; h < 4; ++h) {
+        const __m256i q = _mm256_cvtepu8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 32 * g + 8 * h)));
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, m15)),
+                            _mm256_loadu_ps(x + 64 * g + 8 * h), t);
+        u = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)),
+                            _mm256_loadu_ps(x + 64 * g + 32 + 8 * h), u);
+      }
+      acc0 = _mm256_fmadd_ps(_mm256_set1_ps(sl[2 * g]), t, acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_set1_ps(sl[2 * g + 1]), u, acc1);
+    }
+  }
+  return _mm256_add_ps(_mm256_add_ps(acc0, acc1), accb);
+}
+
+// Q6_K at one activation row, as q6k_row1: q (0..63) under the exponent of 1.0f is
+// f = 1 + q/64, so per 16-value sub-block s
+//   sum_l dl_s (q_l - 32) x_l = (64 dl_s) * sum_l f_l x_l - (96 dl_s) * X_s,
+// X_s from p.xsub (q6k_xsub). The 6-bit values are assembled 32 bytes at a time in value order
+// (ggml's dequantize_row_q6_K: per half, ql low / high nibbles and qh bit pairs), stored, then
+// widened 8 at a time and placed under the exponent (integer ops only; the multiply-adds are
+// the only floating-point work per value). Returns 8 partial sums of row r.
+inline __m256 q6k_row1_avx2(const Problem& p, int64_t r) {
+  const __m256i m0f = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
+  const __m256i one = _mm256_set1_epi32(0x3F800000);
+  __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps(), accb = _mm256_setzero_ps();
+  for (int64_t b = 0; b < p.nb; ++b) {
+    const int64_t i = r * p.nb + b;
+    const uint8_t* ql = field<uint8_t>(p, 0) + 128 * i;
+    const uint8_t* qh = field<uint8_t>(p, 1) + 64 * i;
+    prefetch(ql + 128 * kRowPrefetch, 2);  // see kRowPrefetch
+    prefetch(qh + 64 * kRowPrefetch, 1);
+    prefetch(field<int8_t>(p, 2) + 16 * (i + kRowPrefetch), 1);
+    const float d = f16_to_f32(field<uint16_t>(p, 3)[i]);
+    const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(field<int8_t>(p, 2) + 16 * i));
+    // dl_s = d * sc_s, exact; 64 dl_s and -96 dl_s exact too
+    const __m256 dl_lo = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)));
+    const __m256 dl_hi = _mm256_mul_ps(
+        _mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8))));
+    const float* xs = p.xsub + 16 * b;
+    const __m256 m96 = _mm256_set1_ps(-96.0f);
+    accb = _mm256_fmadd_ps(_mm256_mul_ps(dl_lo, m96), _mm256_loadu_ps(xs), accb);
+    accb = _mm256_fmadd_ps(_mm256_mul_ps(dl_hi, m96), _mm256_loadu_ps(xs + 8), accb);
+    alignas(32) float dl64[16];
+    _mm256_store_ps(dl64, _mm256_mul_ps(dl_lo, _mm256_set1_ps(64.0f)));
+    _mm256_store_ps(dl64 + 8, _mm256_mul_ps(dl_hi, _mm256_set1_ps(64.0f)));
+    alignas(32) uint8_t q[256];  // q6 of the block's values, in value order
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * h));
+      const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * h + 32));
+      const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * h));
+      // values 128h + l, + 32, + 64, + 96 (l < 32): low nibble of l0 / l1 then high nibbles,
+      // with qh bits 0-1, 2-3, 4-5, 6-7 of byte l as bits 4-5
+      const __m256i v0 = _mm256_or_si256(_mm256_and_si256(l0, m0f),
+                                         _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30));
+      const __m256i v1 = _mm256_or_si256(_mm256_and_si256(l1, m0f),
+                                         _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30));
+      const __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m0f),
+                                         _mm256_and_si256(hb, m30));
+      const __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m0f),
+                                         _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q + 128 * h), v0);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q + 128 * h + 32), v1);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q + 128 * h + 64), v2);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q + 128 * h + 96), v3);
+    }
+    const uint8_t* qm = launder(q);
+    const float* dlm = launder(dl64);
+    const float* x = p.x + 256 * b;
+#pragma GCC unroll 16
+    for (int s = 0; s < 16; ++s) {  // sub-block s: values 16s .. 16s+15
+      __m256 t = _mm256_setzero_ps();
+#pragma GCC unroll 2
+      for (int k = 0; k < 2; ++k) {
+        const __m256i w = _mm256_cvtepu8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qm + 16 * s + 8 * k)));
+        const __m256 f = _mm256_castsi256_ps(_mm256_or_si256(_mm256_slli_epi32(w, 17), one));
+        t = _mm256_fmadd_ps(f, _mm256_loadu_ps(x + 16 * s + 8 * k), t);
+      }
+      if (s % 2 == 0) {
+        tot0 = _mm256_fmadd_ps(_mm256_set1_ps(dlm[s]), t, tot0);
+      } else {
+        tot1 = _mm256_fmadd_ps(_mm256_set1_ps(dlm[s]), t, tot1);
+      }
+    }
+  }
+  return _mm256_add_ps(_mm256_add_ps(tot0, tot1), accb);
+}
+
+// p.xsum for q4k_row1_avx2, as q4k_xsum.
+inline void q4k_xsum_avx2(const float* x, int64_t nb, float* xsum) {
+  for (int64_t b = 0; b < nb; ++b) {
+    alignas(32) float v[16] = {};
+    for (int j = 0; j < 8; ++j) {
+      const float* xj = x + 256 * b + 32 * j;
+      const __m256 q = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xj), _mm256_loadu_ps(xj + 8)),
+                                     _mm256_add_ps(_mm256_loadu_ps(xj + 16), _mm256_loadu_ps(xj + 24)));
+      v[8 + j] = hsum8(q);
+    }
+    std::memcpy(xsum + 16 * b, v, sizeof v);
+  }
+}
+
+// p.xsub for q6k_row1_avx2: per block the sums of x over its 16 sub-blocks of 16 values.
+inline void q6k_xsub(const float* x, int64_t nb, float* xsub) {
+  for (int64_t s = 0; s < 16 * nb; ++s) {
+    xsub[s] = hsum8(_mm256_add_ps(_mm256_loadu_ps(x + 16 * s), _mm256_loadu_ps(x + 16 * s + 8)));
+  }
+}
+#endif
+
 // Weight rows [r0, r1) against all activation rows. With several activation passes the rows go
 // in tiles small enough to stay in L1 while every pass goes over them.
 template <class F>
@@ -1203,6 +1391,14 @@ void rows_all(const Problem& p, int64_t r0, int64_t r1) {
 #if defined(__AVX512BW__)
   if constexpr (std::is_same_v<F, Q6_K>) {
     if (p.xperm) return rows1(p, r0, r1, q6k_row1);
+  }
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+  if constexpr (std::is_same_v<F, Q4_K>) {
+    if (p.xsum) return rows1_avx2(p, r0, r1, q4k_row1_avx2);
+  }
+  if constexpr (std::is_same_v<F, Q6_K>) {
+    if (p.xsub) return rows1_avx2(p, r0, r1, q6k_row1_avx2);
   }
 #endif
   const int64_t tile = p.m > kMaxRows ? 16 : std::max<int64_t>(r1 - r0, 1);
@@ -1255,6 +1451,16 @@ void rows_all(const Problem& p, int64_t r0, int64_t r1) {
 #define RWKV_TILE_NR 4
 #endif
 constexpr int kMr = RWKV_TILE_MR, kNr = RWKV_TILE_NR;  // 16 accumulators + 4 x + 1 w of 32 zmm
+#elif RWKV_WIDE_STRUCT && defined(__AVX2__) && defined(__FMA__)
+// 8-lane accumulators (tile_block_ymm): 12 + 3 x + 1 w of 16 ymm
+#define RWKV_TILE_YMM 1
+#ifndef RWKV_TILE_MR
+#define RWKV_TILE_MR 3
+#endif
+#ifndef RWKV_TILE_NR
+#define RWKV_TILE_NR 4
+#endif
+constexpr int kMr = RWKV_TILE_MR, kNr = RWKV_TILE_NR;
 #else
 constexpr int kMr = 2, kNr = 2;  // 4 v16f accumulators (8 ymm / 16 q-registers)
 #endif
@@ -1298,6 +1504,49 @@ inline void store_sums(const Problem& p, v16f (&a)[MR][NR], int64_t m0, int64_t 
 template <class T>
 constexpr bool kBf16 = std::is_same_v<T, uint16_t>;
 
+#if defined(RWKV_TILE_YMM)
+// AVX2: tile_block with one 8-lane accumulator per output. With 16-lane ones (2 ymm each) the
+// 16 ymm registers hold only 2 x 2 outputs, whose 8 loads per 8 multiply-adds bound the loop
+// at half the FMA rate; 3 x 4 outputs take 7 loads per 12. Partial sums between input blocks
+// go to part[] as {acc, 0}.
+template <int MR, int NR>
+__attribute__((noinline)) void tile_block_ymm(const Problem& p, const float* x, int64_t xs,
+                                              const float* w, int64_t ws, int64_t kc,
+                                              v16f* part, bool first, bool last, int64_t m0,
+                                              int64_t g) {
+  __m256 a[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n)
+      a[m][n] = first ? _mm256_setzero_ps()
+                      : _mm256_add_ps(part[m * NR + n].v[0], part[m * NR + n].v[1]);
+  for (int64_t k = 0; k < kc; k += 8) {
+    __m256 xv[MR];
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
+      xv[m] = _mm256_loadu_ps(x + m * xs + k);
+      asm("" : "+x"(xv[m]));  // in a register: GCC would fold this load into every use
+    }
+#pragma GCC unroll 4
+    for (int n = 0; n < NR; ++n) {
+      __m256 wv = _mm256_loadu_ps(w + n * ws + k);
+      asm("" : "+x"(wv));
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) a[m][n] = _mm256_fmadd_ps(wv, xv[m], a[m][n]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    for (int n = 0; n < NR; ++n) {
+      if (last) {
+        p.y[(m0 + m) * p.out + g + n] = hsum8(a[m][n]);
+      } else {
+        part[m * NR + n].v[0] = a[m][n];
+        part[m * NR + n].v[1] = _mm256_setzero_ps();
+      }
+    }
+  }
+}
+#endif
+
 // One block of MR activation rows (from x, rows xs apart) times NR weight rows (from w, rows
 // ws apart) over kc inputs (a multiple of 16, of 32 for bfloat16): partial sums start at zero
 // (first) or from part, and end as y (last) or in part.
@@ -1306,6 +1555,11 @@ template <int MR, int NR, class T>
 __attribute__((noinline)) void tile_block(const Problem& p, const T* x, int64_t xs, const T* w,
                                           int64_t ws, int64_t kc, v16f* part, bool first,
                                           bool last, int64_t m0, int64_t g) {
+#if defined(RWKV_TILE_YMM)
+  if constexpr (!kBf16<T>) {
+    return tile_block_ymm<MR, NR>(p, x, xs, w, ws, kc, part, first, last, m0, g);
+  }
+#endif
   v16f a[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int n = 0; n < NR; ++n) a[m][n] = first ? v16f{} : part[m * NR + n];
@@ -2029,6 +2283,23 @@ void run_f32(const Problem& p_in) {
     }
   }
 #endif
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+  static thread_local std::vector<float> xsum_buf, xsub_buf;
+  if constexpr (std::is_same_v<F, Q4_K>) {
+    if (p.m == 1 && kQ4kFactored) {
+      float* xsum = scratch(xsum_buf, 16 * p.nb);
+      q4k_xsum_avx2(p.x, p.nb, xsum);
+      p.xsum = xsum;
+    }
+  }
+  if constexpr (std::is_same_v<F, Q6_K>) {
+    if (p.m == 1 && kQ6kFactored) {
+      float* xsub = scratch(xsub_buf, 16 * p.nb);
+      q6k_xsub(p.x, p.nb, xsub);
+      p.xsub = xsub;
+    }
+  }
+#endif
   for_rows(p, [&](int64_t r0, int64_t r1) { rows_any<F>(p, r0, r1); });
 }
 
@@ -2514,10 +2785,10 @@ extern "C" const char* rwkv_qmatvec_info() {
       std::to_string(kTiledMinRows) + " tile_kc=" + std::to_string(kKc) +
       " tile=" + std::to_string(kMr) + "x" + std::to_string(kNr) +
       " row_prefetch=" + std::to_string(kRowPrefetch) +
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
       " q4k_factored=" + std::to_string(int(kQ4kFactored)) +
 #endif
-#if defined(__AVX512BW__)
+#if defined(__AVX512BW__) || (defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__))
       " q6k_factored=" + std::to_string(int(kQ6kFactored)) +
 #endif
 #if defined(__AVX512BF16__)
