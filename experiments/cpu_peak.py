@@ -6,10 +6,13 @@ Compiles a small C++ probe with the system compiler (-O3 -march=native): per thr
 independent accumulator chains of one instruction in a loop (enough to cover its latency on
 every x86 core with two multiply-add pipes), on 1..N threads at once. Instructions, where
 -march=native has them: AVX-512 float32 FMA (vfmadd231ps, 16 multiply-adds per instruction),
-AVX-512 bfloat16 dot products (vdpbf16ps, 32) and AVX-512 VNNI int8 dot products (vpdpbusd,
-64). Reported as GMAC/s (and GFLOP/s = 2 x GMAC/s). The float32 figure bounds the engine's
-float32 prefill: a pp512 of the 0.1b model multiplies 12 x 7.08 M layer weights by 512 rows
-(43.5 GMAC) through the native float32 GEMM (BENCHMARKS.md, "The float32 prefill's floor").
+AVX-512 bfloat16 dot products (vdpbf16ps, 32), AVX-512 VNNI int8 dot products (vpdpbusd, 64);
+on AVX2 CPUs (no AVX-512): AVX2 float32 FMA (ymm vfmadd231ps, 8) and the int8 pair llama.cpp's
+AVX2 kernels use (vpmaddubsw, vpmaddwd, vpaddd: 32 per round; each chain also takes a vpxor so
+the compiler cannot hoist the product, so this one is a lower bound). Reported as GMAC/s (and
+GFLOP/s = 2 x GMAC/s). The float32 figure bounds the engine's float32 prefill: a pp512 of the
+0.1b model multiplies 12 x 7.08 M layer weights by 512 rows (43.5 GMAC) through the native
+float32 GEMM (BENCHMARKS.md, "The float32 prefill's floor").
 """
 
 from __future__ import annotations
@@ -65,6 +68,36 @@ void dp_bf16(long n) {
 #endif
 }
 
+void fma_f32_avx2(long n) {
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 a[12];
+  for (int i = 0; i < 12; ++i) a[i] = _mm256_set1_ps(1.0f + i * 1e-7f);
+  const __m256 b = _mm256_set1_ps(0.9999999f), c = _mm256_set1_ps(1e-7f);
+  for (long k = 0; k < n; ++k)
+    for (int i = 0; i < 12; ++i) a[i] = _mm256_fmadd_ps(a[i], b, c);
+  float s = 0;
+  for (int i = 0; i < 12; ++i)
+    for (int l = 0; l < 8; ++l) s += a[i][l];
+  sink_f = s;
+#endif
+}
+
+void dp_int8_avx2(long n) {  // one round: 12 x (vpmaddubsw + vpmaddwd + vpaddd), 32 MACs each
+#if defined(__AVX2__)
+  __m256i a[12];
+  for (int i = 0; i < 12; ++i) a[i] = _mm256_set1_epi32(i);
+  const __m256i b = _mm256_set1_epi8(1), one = _mm256_set1_epi16(1);
+  for (long k = 0; k < n; ++k)
+    for (int i = 0; i < 12; ++i) {
+      const __m256i p = _mm256_maddubs_epi16(_mm256_xor_si256(b, a[i]), b);
+      a[i] = _mm256_add_epi32(a[i], _mm256_madd_epi16(p, one));
+    }
+  int s = 0;
+  for (int i = 0; i < 12; ++i) s += _mm256_extract_epi32(a[i], 0);
+  sink_i = s;
+#endif
+}
+
 void dp_int8(long n) {
 #ifdef __AVX512VNNI__
   __m512i a[12];
@@ -91,6 +124,10 @@ int main(int argc, char** argv) {
 #endif
 #ifdef __AVX512VNNI__
     {"avx512 vpdpbusd int8", dp_int8, 64, true},
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+    {"avx2 fma f32", fma_f32_avx2, 8, true},
+    {"avx2 vpmaddubsw int8", dp_int8_avx2, 32, true},
 #endif
     {nullptr, nullptr, 0, false}};
   for (const Kind* k = kinds; k->name; ++k) {
@@ -138,7 +175,7 @@ def main() -> None:
             if out.returncode != 0:
                 raise SystemExit(f"the probe failed: {out.stderr[-2000:]}")
             if not out.stdout:
-                print(f"threads {t}: no AVX-512 multiply-add instruction on this CPU")
+                print(f"threads {t}: no AVX-512 or AVX2 multiply-add instruction on this CPU")
 
 
 if __name__ == "__main__":

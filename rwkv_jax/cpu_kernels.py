@@ -1,22 +1,22 @@
 """Native CPU matmul over packed ggml weights, as an XLA FFI custom call (rwkv_jax/native).
 
-XLA:CPU unpacks packed blocks at well under 1 GB/s (docs/backends.md), so the decode matvecs
-run through `native/qmatvec.cc` instead: one C++ kernel per format that dequantizes each block
-to exactly ggml's float32 values in registers and accumulates `x · Wᵀ` in float32 (x is never
-quantized), on a small thread pool (Q4_K at one row, AVX-512: each sub-block's scale and min
-factored out of its sum, the same weight values with another rounding). From 8 activation rows
-(prefill) the blocks are unpacked once into float32 tiles and multiplied by a register-blocked
-microkernel (`info()` names the thresholds). bfloat16 activations take the bfloat16 targets:
-the weights rounded to bfloat16 as XLA's bfloat16 path rounds them, multiplied with vdpbf16ps
-where the CPU has avx512_bf16 (`info()`: bf16=avx512_bf16) and by the float32 kernels on the
-rounded values elsewhere (bf16=portable; the same products, another summation order). The
-model's decode does not take them for packed weights: up to quant.MATVEC_MAX_ROWS rows packed
-weights multiply in float32 on every backend, so quant calls the float32 targets on the widened
-x there. The source is compiled with the system C++ compiler on first use into a cache keyed by
-source, compiler, flags, JAX version and CPU, then registered with `jax.ffi`. Without a compiler
-or a usable `jax.ffi`, `available()` is False, `reason()` says why, and callers keep the XLA
-path (same numbers, slower). `RWKV_JAX_NATIVE=0` disables it; `RWKV_JAX_NATIVE_THREADS=N`
-sets the pool size (default: the CPUs this process may use).
+XLA:CPU unpacks packed blocks at well under 1 GB/s (docs/backends.md), so the decode matvecs run
+through `native/qmatvec.cc` instead: one C++ kernel per format that dequantizes each block to
+exactly ggml's float32 values in registers and accumulates `x · Wᵀ` in float32 (x is never
+quantized), on a small thread pool (Q4_K and Q6_K at one row, AVX-512 or AVX2: each sub-block's
+scale and min factored out of its sum, the same weight values with another rounding). From 8
+activation rows (prefill) the blocks are unpacked once into float32 tiles and multiplied by a
+register-blocked microkernel (`info()` names the thresholds). bfloat16 activations take the
+bfloat16 targets: the weights rounded to bfloat16 as XLA's bfloat16 path rounds them, multiplied
+with vdpbf16ps where the CPU has avx512_bf16 (`info()`: bf16=avx512_bf16) and by the float32
+kernels on the rounded values elsewhere (bf16=portable; the same products, another summation
+order). The model's decode does not take them for packed weights: up to quant.MATVEC_MAX_ROWS
+rows packed weights multiply in float32 on every backend, so quant calls the float32 targets on
+the widened x there. The source is compiled with the system C++ compiler on first use into a
+cache keyed by source, compiler, flags, JAX version and CPU, then registered with `jax.ffi`.
+Without a compiler or a usable `jax.ffi`, `available()` is False, `reason()` says why, and
+callers keep the XLA path (same numbers, slower). `RWKV_JAX_NATIVE=0` disables it;
+`RWKV_JAX_NATIVE_THREADS=N` sets the pool size (default: the CPUs this process may use).
 
 The same library holds the per-head work of a decode token or a prefill step's tokens
 (`time_mix_step`, model.heads with the token recurrence, in float32: decay, gates, value

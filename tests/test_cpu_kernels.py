@@ -6,7 +6,11 @@ or $RWKV_JAX_CACHE/native); everything after that is fast.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -157,7 +161,7 @@ def test_small_calls_split_between_threads(cls, shape):
 @native
 @pytest.mark.parametrize("out, n_in", [(17, 512), (1000, 768)])
 def test_q4k_one_row_factored(out, n_in):
-    """Q4_K at one activation row takes the factored kernel (AVX-512 builds): per sub-block j,
+    """Q4_K at one activation row takes the factored kernel (AVX-512, AVX2): per sub-block j,
     dl_j * sum(q x) - ml_j * sum(x). Same weight values, another rounding: any order of these
     n + 2 roundings per term stays within gamma_{n+2} * sum (|dl_j q| + |ml_j|) |x| (Higham,
     Thm 3.1), a bound on the parts instead of on |w| = |dl_j q - ml_j|. out = 17: a 16-row lane
@@ -186,7 +190,7 @@ def test_q4k_one_row_factored(out, n_in):
 @native
 @pytest.mark.parametrize("out, n_in", [(17, 512), (1000, 768), (40, 3072)])
 def test_q6k_one_row_factored(out, n_in):
-    """Q6_K at one activation row takes the factored kernel (AVX-512 BW builds): q placed under
+    """Q6_K at one activation row takes the factored kernel (AVX-512 BW, AVX2): q placed under
     the exponent of 1.0 is f = 1 + q/64, so per 16-value sub-block s, dl_s * sum((q - 32) x) =
     64 dl_s * sum(f x) - 96 dl_s * sum(x). Same weight values, another rounding: any order of
     these n + 2 roundings per term stays within gamma_{n+2} * sum |dl_s| (q + 160) |x| (Higham,
@@ -349,6 +353,80 @@ def test_build_is_cached():
     path, seconds = cpu_kernels._build(cpu_kernels._ffi())
     assert path.exists() and seconds == 0.0
     assert shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _host_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+# Builds other than the host's own (-march=native): a plain one (no arch flag: SSE2 on x86-64,
+# the 16-lane vectors as 4 x 128 bit under GCC) and, where the CPU runs it, AVX2 without
+# AVX-512 (2 x 256 bit, the AVX2 one-row kernels and 3 x 4 tile microkernel), which an
+# AVX-512 host's own build never compiles. (arch flags, what info() must say, CPU flags needed)
+OTHER_BUILDS = [
+    ("", "v16=", set()),
+    (
+        "-mavx2 -mfma -mf16c",
+        "isa=avx2 v16=2x256bit tile=3x4 q4k_factored=1 q6k_factored=1",
+        {"avx2", "fma", "f16c"},
+    ),
+]
+
+
+@native
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, info, needs", OTHER_BUILDS, ids=["plain", "avx2"])
+def test_other_builds_pass_the_kernel_tests(arch, info, needs):
+    """The kernel and per-head tests of this suite, run in a subprocess against another build
+    (RWKV_JAX_NATIVE_ARCH): each vector width's code is checked where the host can run it, not
+    only the host's own. Several minutes each (a build, then ~200 tests)."""
+    if not needs <= _host_flags():
+        pytest.skip(f"this CPU lacks {sorted(needs - _host_flags())}")
+    env = dict(os.environ, RWKV_JAX_NATIVE_ARCH=arch)
+    root = Path(__file__).resolve().parent.parent
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from rwkv_jax import cpu_kernels as c; print(c.info() or c.reason())",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=root,
+    )
+    got = probe.stdout.split()
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    assert all(any(g.startswith(want) for g in got) for want in info.split()), probe.stdout
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-m",
+            "not slow",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_cpu_kernels.py",
+            "tests/test_cpu_time_mix.py",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=root,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
 
 
 @native

@@ -3,10 +3,10 @@
 //
 // Every weight element is dequantized to exactly the float32 value ggml's dequantize_row_* gives
 // (the same values as rwkv_jax/quant.py), multiplied by float32 x and accumulated in float32;
-// activations are never quantized (bfloat16 x: see below). Only the summation order differs from a plain dot, except
-// Q4_K and Q6_K at one float32 activation row (AVX-512, decode): there each sub-block's scale
-// (and Q4_K's min) is factored out of its sum (q4k_row1, q6k_row1), the same weight values with
-// another rounding.
+// activations are never quantized (bfloat16 x: see below). Only the summation order differs
+// from a plain dot, except Q4_K and Q6_K at one float32 activation row (AVX-512 or AVX2,
+// decode): there each sub-block's scale (and Q4_K's min) is factored out of its sum (q4k_row1,
+// q6k_row1 and their _avx2 twins), the same weight values with another rounding.
 //
 // Why fused multiply-adds keep the ggml values: contraction (-ffp-contract=fast) may turn
 // `dl * q - ml` into fma(dl, q, -ml), which rounds once instead of twice. In every format here the
@@ -29,7 +29,8 @@
 // GCC/clang vector extensions (AVX-512, AVX2, NEON or plain C++, whatever -march gives), or
 // under GCC without 64-byte registers a struct of native-width ones (Wide, below); the
 // decode-critical Q4_K (16-entry lookup tables via vpermps) and Q6_K (whole-half bit unpacking)
-// have AVX-512 paths, and at one row their own factored kernels. Rows of W are split between a
+// have AVX-512 paths, and at one row their own factored kernels (AVX-512 and AVX2); AVX2 has
+// its own tile microkernel (tile_block_ymm). Rows of W are split between a
 // thread pool (created on first use) and the calling thread; a call takes the pool only if no
 // other call holds it (XLA may run independent custom calls concurrently), otherwise it runs on
 // its own thread.
