@@ -40,4 +40,6 @@ def test_probe_reports_each_instruction_the_cpu_has(tmp_path):
         want += ["avx2 fma f32", "avx2 vpmaddubsw int8"]
     assert names == want
     for _, gmac, gflop in rows:
-        assert float(gmac) > 0 and float(gflop) == pytest.approx(2 * float(gmac), rel=1e-3)
+        # both printed to 0.1 (each off by <= 0.05): GFLOP/s - 2 x GMAC/s is within 0.15 of 0
+        # (a relative bound failed on AVX2 at 49.5 / 99.1, where 2 x 49.54 = 99.08 printed so)
+        assert float(gmac) > 0 and float(gflop) == pytest.approx(2 * float(gmac), abs=0.15 + 1e-9)

@@ -30,10 +30,10 @@
 // under GCC without 64-byte registers a struct of native-width ones (Wide, below); the
 // decode-critical Q4_K (16-entry lookup tables via vpermps) and Q6_K (whole-half bit unpacking)
 // have AVX-512 paths, and at one row their own factored kernels (AVX-512 and AVX2); AVX2 has
-// its own tile microkernel (tile_block_ymm). Rows of W are split between a
-// thread pool (created on first use) and the calling thread; a call takes the pool only if no
-// other call holds it (XLA may run independent custom calls concurrently), otherwise it runs on
-// its own thread.
+// its own tile microkernel (tile_block_ymm). Rows of W are split between a thread pool
+// (created on first use) and the calling thread; a call takes the pool only if no other call
+// holds it (XLA may run independent custom calls concurrently), otherwise it runs on its own
+// thread.
 //
 // bfloat16 activations (the rwkv_qmatvec_bf16_* targets, engine dtype bfloat16): the product
 // XLA's bfloat16 path computes, y = bf16(x) · bf16(W)ᵀ with float32 accumulation, where bf16(W)
@@ -80,7 +80,7 @@ namespace {
 // operation moves its halves through memory and general registers (GCC 12, AVX2: the tiled
 // prefill kernel's accumulators stored and reloaded around every multiply-add). There the 16
 // lanes are a struct of native-width vectors (Wide, below) with the same operators, so the
-// code above the types reads the same on every target. RWKV_WIDE_STRUCT=0/1 forces either.
+// code using them reads the same on every target. RWKV_WIDE_STRUCT=0/1 forces either.
 #ifndef RWKV_WIDE_STRUCT
 #if defined(__AVX512F__) || defined(__clang__)
 #define RWKV_WIDE_STRUCT 0
@@ -1302,9 +1302,11 @@ inline __m256 q6k_row1_avx2(const Problem& p, int64_t r) {
     prefetch(qh + 64 * kRowPrefetch, 1);
     prefetch(field<int8_t>(p, 2) + 16 * (i + kRowPrefetch), 1);
     const float d = f16_to_f32(field<uint16_t>(p, 3)[i]);
-    const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(field<int8_t>(p, 2) + 16 * i));
+    const __m128i sc8 =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(field<int8_t>(p, 2) + 16 * i));
     // dl_s = d * sc_s, exact; 64 dl_s and -96 dl_s exact too
-    const __m256 dl_lo = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)));
+    const __m256 dl_lo =
+        _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)));
     const __m256 dl_hi = _mm256_mul_ps(
         _mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8))));
     const float* xs = p.xsub + 16 * b;
@@ -1364,8 +1366,9 @@ inline void q4k_xsum_avx2(const float* x, int64_t nb, float* xsum) {
     alignas(32) float v[16] = {};
     for (int j = 0; j < 8; ++j) {
       const float* xj = x + 256 * b + 32 * j;
-      const __m256 q = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xj), _mm256_loadu_ps(xj + 8)),
-                                     _mm256_add_ps(_mm256_loadu_ps(xj + 16), _mm256_loadu_ps(xj + 24)));
+      const __m256 lo = _mm256_add_ps(_mm256_loadu_ps(xj), _mm256_loadu_ps(xj + 8));
+      const __m256 hi = _mm256_add_ps(_mm256_loadu_ps(xj + 16), _mm256_loadu_ps(xj + 24));
+      const __m256 q = _mm256_add_ps(lo, hi);
       v[8 + j] = hsum8(q);
     }
     std::memcpy(xsum + 16 * b, v, sizeof v);
