@@ -2,9 +2,12 @@
 
 XLA:CPU unpacks packed blocks at well under 1 GB/s (docs/backends.md), so the decode matvecs run
 through `native/qmatvec.cc` instead: one C++ kernel per format that dequantizes each block to
-exactly ggml's float32 values in registers and accumulates `x · Wᵀ` in float32 (x is never
-quantized), on a small thread pool (Q4_K and Q6_K at one row, AVX-512 or AVX2: each sub-block's
-scale and min factored out of its sum, the same weight values with another rounding). From 8
+exactly ggml's float32 values in registers and accumulates `x · Wᵀ` in float32, on a small
+thread pool (Q4_K and Q6_K at one row, AVX-512 or AVX2: each sub-block's scale and min factored
+out of its sum, the same weight values with another rounding; on AVX2 the sums over x are exact
+integer sums over x held as 26-bit fixed point per 32 values, within 2^-26 of each group's
+largest |x|, finer than float32's rounding of that value: `info()` q4k_int16_x / q6k_int16_x,
+qmatvec.cc `x_int16_digits`). From 8
 activation rows (prefill) the blocks are unpacked once into float32 tiles and multiplied by a
 register-blocked microkernel (`info()` names the thresholds). bfloat16 activations take the
 bfloat16 targets: the weights rounded to bfloat16 as XLA's bfloat16 path rounds them, multiplied

@@ -158,27 +158,49 @@ def test_small_calls_split_between_threads(cls, shape):
     _assert_dot_close(_matmul(w, x), x, deq)
 
 
+def _q4k_parts(raw: np.ndarray, out: int, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """|dl_j q| and ml_j per element of a Q4_K weight (float64 [out, in]), exact."""
+    deq = gguf_dequantize(raw.reshape(out, -1), quant.Q4_K.GGML_TYPE).astype(np.float64)
+    rec = raw.view(quant.Q4_K.BLOCK).reshape(out, -1)  # [out, nb]
+    sc, mn = (np.asarray(a, np.float64) for a in quant._scale_min_k4(jnp.asarray(rec["scales"])))
+    ml = rec["dmin"].astype(np.float64)[..., None] * mn  # [out, nb, 8]
+    ml = np.repeat(ml, 32, axis=-1).reshape(out, n_in)
+    return np.abs(deq + ml), ml
+
+
+def _x_digit_error(x: np.ndarray) -> np.ndarray:
+    """Per element, how far q4k_xdigits' x^ may be from x (float64, x's shape): 2^(e_j - 1)
+    with e_j = max(E_j, -100) - 26 and max |x| over the 32-value sub-block < 2^E_j."""
+    m = np.abs(x.astype(np.float64)).reshape(*x.shape[:-1], -1, 32).max(axis=-1)
+    e = np.maximum(np.where(m > 0, np.frexp(m)[1], -100), -100) - 26  # frexp: m < 2^E
+    return np.repeat(np.ldexp(1.0, e - 1), 32, axis=-1)
+
+
+def _q4k_int16_x() -> bool:
+    """Whether this build's one-row Q4_K kernel takes x as int16 digits (AVX2)."""
+    return "q4k_int16_x=1" in cpu_kernels.info().split()
+
+
 @native
 @pytest.mark.parametrize("out, n_in", [(17, 512), (1000, 768)])
 def test_q4k_one_row_factored(out, n_in):
     """Q4_K at one activation row takes the factored kernel (AVX-512, AVX2): per sub-block j,
     dl_j * sum(q x) - ml_j * sum(x). Same weight values, another rounding: any order of these
     n + 2 roundings per term stays within gamma_{n+2} * sum (|dl_j q| + |ml_j|) |x| (Higham,
-    Thm 3.1), a bound on the parts instead of on |w| = |dl_j q - ml_j|. out = 17: a 16-row lane
-    sum and a lone row; out = 1000: split between threads."""
+    Thm 3.1), a bound on the parts instead of on |w| = |dl_j q - ml_j|; on AVX2 over x^ (x as
+    int16 digits, test_one_row_x_digits) plus sum |dl_j q| |x^ - x|. out = 17: a 16-row
+    lane sum and a lone row; out = 1000: split between threads."""
     rng = np.random.default_rng(out)
     raw = _raw(quant.Q4_K, (out, n_in), rng)
     deq = gguf_dequantize(raw.reshape(out, -1), quant.Q4_K.GGML_TYPE).astype(np.float64)
     w = quant.Q4_K.from_raw(raw, (out, n_in))
-    rec = raw.view(quant.Q4_K.BLOCK).reshape(out, -1)  # [out, nb]
-    sc, mn = (np.asarray(a, np.float64) for a in quant._scale_min_k4(jnp.asarray(rec["scales"])))
-    ml = rec["dmin"].astype(np.float64)[..., None] * mn  # [out, nb, 8]
-    ml = np.repeat(ml, 32, axis=-1).reshape(out, n_in)  # per element
-    dlq = deq + ml  # dl_j * q, exact
+    dlq, ml = _q4k_parts(raw, out, n_in)
     x = rng.standard_normal((1, n_in)).astype(np.float32)
     want = x.astype(np.float64) @ deq.T
+    ex = _x_digit_error(x) if _q4k_int16_x() else np.zeros(x.shape)
     n, u = n_in + 2, 2.0**-24
-    bound = n * u / (1 - n * u) * (np.abs(x) @ (np.abs(dlq) + np.abs(ml)).T) + u * np.abs(want)
+    ax = np.abs(x.astype(np.float64)) + ex
+    bound = n * u / (1 - n * u) * (ax @ (dlq + np.abs(ml)).T) + ex @ dlq.T + u * np.abs(want)
     got = np.asarray(_matmul(w, x))
     assert got.dtype == np.float32 and got.shape == want.shape
     assert np.all(np.abs(got - want) <= bound)
@@ -187,29 +209,99 @@ def test_q4k_one_row_factored(out, n_in):
     np.testing.assert_allclose(np.asarray(_matmul(w, x3))[0], got[0], rtol=1e-4, atol=1e-4)
 
 
-@native
-@pytest.mark.parametrize("out, n_in", [(17, 512), (1000, 768), (40, 3072)])
-def test_q6k_one_row_factored(out, n_in):
-    """Q6_K at one activation row takes the factored kernel (AVX-512 BW, AVX2): q placed under
-    the exponent of 1.0 is f = 1 + q/64, so per 16-value sub-block s, dl_s * sum((q - 32) x) =
-    64 dl_s * sum(f x) - 96 dl_s * sum(x). Same weight values, another rounding: any order of
-    these n + 2 roundings per term stays within gamma_{n+2} * sum |dl_s| (q + 160) |x| (Higham,
-    Thm 3.1), a bound on the parts 64 dl_s f and 96 dl_s instead of on |w| = |dl_s (q - 32)|.
-    out = 17: a 16-row lane sum and a lone row; 1000: split between threads; 3072: the FFN
-    value shape (12 blocks per row)."""
-    rng = np.random.default_rng(out)
-    raw = _raw(quant.Q6_K, (out, n_in), rng)
+def _q6k_parts(raw: np.ndarray, out: int, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """|dl_s| and q (0..63) per element of a Q6_K weight (float64 [out, in]), exact."""
     deq = gguf_dequantize(raw.reshape(out, -1), quant.Q6_K.GGML_TYPE).astype(np.float64)
-    w = quant.Q6_K.from_raw(raw, (out, n_in))
     rec = raw.view(quant.Q6_K.BLOCK).reshape(out, -1)  # [out, nb]
     dl = rec["d"].astype(np.float64)[..., None] * rec["scales"]  # [out, nb, 16], exact
     dl = np.repeat(dl, 16, axis=-1).reshape(out, n_in)  # per element
     # q - 32 = w / dl exactly (an integer quotient of exact values); dl = 0 leaves w = 0
     q = np.divide(deq, dl, out=np.zeros_like(deq), where=dl != 0) + 32
+    return np.abs(dl), q
+
+
+@native
+@pytest.mark.parametrize("cls", [quant.Q4_K, quant.Q6_K], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("case", ["outliers", "tiny", "zeros", "huge", "inf", "nan"])
+def test_one_row_x_digits(cls, case):
+    """The AVX2 one-row Q4_K / Q6_K kernels hold x as x^ = 2^e_j (4096 hi + lo) per 32 values
+    (x_int16_digits): |x^ - x| <= 2^(e_j - 1) <= max(2^-26 max_j |x|, 2^-127), then exact
+    integer sums. The result stays within the factored kernel's bound computed on |x| + that
+    error, plus sum |dl q| * that error (test_q4k_one_row_factored, test_q6k_one_row_factored)
+    — over activations with a wide range inside each group (one value 1e4 times the rest), tiny
+    ones (the -100 clamp: subnormals included), all-zero groups and values near the float32
+    limit. Infinite or NaN x take the float path and give what numpy does. Other builds (float32
+    x throughout): the bound without that term."""
+    out, n_in = 300, 512
+    rng = np.random.default_rng(7)
+    raw = _raw(cls, (out, n_in), rng)
+    deq = gguf_dequantize(raw.reshape(out, -1), cls.GGML_TYPE).astype(np.float64)
+    w = cls.from_raw(raw, (out, n_in))
+    x = rng.standard_normal((1, n_in)).astype(np.float32)
+    if case == "outliers":
+        x[0, ::32] *= 1e4
+    elif case == "tiny":
+        x[0, :256] *= np.float32(1e-39)  # subnormal float32
+        x[0, 256:] *= np.float32(1e-32)
+    elif case == "zeros":
+        x[0, 64:192] = 0.0
+    elif case == "huge":
+        x *= np.float32(1e30)  # products with the weights stay finite
+    elif case == "inf":
+        x[0, 5] = np.inf
+    else:
+        x[0, 300] = np.nan
+    got = np.asarray(_matmul(w, x))
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = x.astype(np.float64) @ deq.T
+    if case in ("inf", "nan"):
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_array_equal(got[~np.isnan(got)], want[~np.isnan(want)].astype(np.float32))
+        return
+    if cls is quant.Q4_K:
+        dlq, ml = _q4k_parts(raw, out, n_in)
+        parts, digit_part = dlq + np.abs(ml), dlq
+        int16_x = "q4k_int16_x=1" in cpu_kernels.info().split()
+    else:
+        dl, q = _q6k_parts(raw, out, n_in)
+        int16_x = "q6k_int16_x=1" in cpu_kernels.info().split()
+        parts, digit_part = dl * (q + (32 if int16_x else 160)), dl * q
+    ex = _x_digit_error(x) if int16_x else np.zeros(x.shape)
+    n, u = n_in + 2, 2.0**-24
+    ax = np.abs(x.astype(np.float64)) + ex
+    bound = n * u / (1 - n * u) * (ax @ parts.T) + ex @ digit_part.T + u * np.abs(want)
+    assert got.dtype == np.float32 and np.all(np.isfinite(got))
+    bad = ~(np.abs(got - want) <= bound)
+    assert not bad.any(), f"{bad.sum()} outside the bound, first at {np.argwhere(bad)[0]}"
+
+
+@native
+@pytest.mark.parametrize("out, n_in", [(17, 512), (1000, 768), (40, 3072)])
+def test_q6k_one_row_factored(out, n_in):
+    """Q6_K at one activation row takes the factored kernel (AVX-512 BW, AVX2). AVX-512: q placed
+    under the exponent of 1.0 is f = 1 + q/64, so per 16-value sub-block s, dl_s * sum((q - 32)
+    x) = 64 dl_s * sum(f x) - 96 dl_s * sum(x); any order of these n + 2 roundings per term
+    stays within gamma_{n+2} * sum |dl_s| (q + 160) |x| (Higham, Thm 3.1), a bound on the parts
+    64 dl_s f and 96 dl_s instead of on |w| = |dl_s (q - 32)|. AVX2: dl_s * sum(q x^) - 32 dl_s
+    * sum(x) with x^ as int16 digits (test_one_row_x_digits): gamma_{n+2} * sum |dl_s| (q +
+    32) (|x| + |x^ - x|) plus sum |dl_s| q |x^ - x|. out = 17: a 16-row lane sum and a lone
+    row; 1000: split between threads; 3072: the FFN value shape (12 blocks per row)."""
+    rng = np.random.default_rng(out)
+    raw = _raw(quant.Q6_K, (out, n_in), rng)
+    deq = gguf_dequantize(raw.reshape(out, -1), quant.Q6_K.GGML_TYPE).astype(np.float64)
+    w = quant.Q6_K.from_raw(raw, (out, n_in))
+    dl, q = _q6k_parts(raw, out, n_in)
     x = rng.standard_normal((1, n_in)).astype(np.float32)
     want = x.astype(np.float64) @ deq.T
     n, u = n_in + 2, 2.0**-24
-    bound = n * u / (1 - n * u) * (np.abs(x) @ (np.abs(dl) * (q + 160)).T) + u * np.abs(want)
+    gamma = n * u / (1 - n * u)
+    if "q6k_int16_x=1" in cpu_kernels.info().split():
+        ex = _x_digit_error(x)
+        ax = np.abs(x.astype(np.float64)) + ex
+        bound = gamma * (ax @ (dl * (q + 32)).T) + ex @ (dl * q).T
+        bound += u * np.abs(want)
+    else:
+        bound = gamma * (np.abs(x) @ (dl * (q + 160)).T) + u * np.abs(want)
     got = np.asarray(_matmul(w, x))
     assert got.dtype == np.float32 and got.shape == want.shape
     bad = ~(np.abs(got - want) <= bound)
@@ -373,7 +465,7 @@ OTHER_BUILDS = [
     ("", "v16=", set()),
     (
         "-mavx2 -mfma -mf16c",
-        "isa=avx2 v16=2x256bit tile=3x4 q4k_factored=1 q6k_factored=1",
+        "isa=avx2 v16=2x256bit tile=3x4 q4k_factored=1 q4k_int16_x=1 q6k_factored=1",
         {"avx2", "fma", "f16c"},
     ),
 ]

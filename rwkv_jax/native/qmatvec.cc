@@ -2,11 +2,13 @@
 // for the CPU (rwkv_jax/cpu_kernels.py builds, loads and registers this file).
 //
 // Every weight element is dequantized to exactly the float32 value ggml's dequantize_row_* gives
-// (the same values as rwkv_jax/quant.py), multiplied by float32 x and accumulated in float32;
-// activations are never quantized (bfloat16 x: see below). Only the summation order differs
-// from a plain dot, except Q4_K and Q6_K at one float32 activation row (AVX-512 or AVX2,
-// decode): there each sub-block's scale (and Q4_K's min) is factored out of its sum (q4k_row1,
-// q6k_row1 and their _avx2 twins), the same weight values with another rounding.
+// (the same values as rwkv_jax/quant.py), multiplied by float32 x and accumulated in float32
+// (bfloat16 x: see below). Only the summation order differs from a plain dot, except Q4_K and
+// Q6_K at one float32 activation row (AVX-512 or AVX2, decode): there each sub-block's scale
+// (and Q4_K's min) is factored out of its sum (q4k_row1, q6k_row1 and their _avx2 versions), the
+// same weight values with another rounding; on AVX2 the sums over x are exact int32 sums over x
+// held as 26-bit fixed point per 32 values (x_int16_digits: within 2^-26 of the group's largest
+// |x|, finer than float32's own rounding of it), which vpmaddwd multiplies 16 values at a time.
 //
 // Why fused multiply-adds keep the ggml values: contraction (-ffp-contract=fast) may turn
 // `dl * q - ml` into fma(dl, q, -ml), which rounds once instead of twice. In every format here the
@@ -424,6 +426,9 @@ struct Problem {
   const float* xperm = nullptr;
   // one activation row, Q6_K (AVX2): the sums of x over each 16-value sub-block (q6k_row1_avx2)
   const float* xsub = nullptr;
+  // one activation row, Q4_K and Q6_K (AVX2): x as int16 digits, their scales (x_int16_digits)
+  const int16_t* xq = nullptr;
+  const float* xq_scale = nullptr;
   // bfloat16 activations (the *_bf16 targets): x is nullptr, xb [m, in] with rows xbs apart
   const uint16_t* xb = nullptr;
   int64_t xbs = 0;
@@ -656,15 +661,22 @@ inline void k4_scales_vec(const uint8_t* s12, float d, float dmin, float* s) {
   _mm512_store_ps(s, _mm512_mul_ps(v, scale));
 }
 #elif defined(__AVX2__)
-// As above, in two halves of 8; s 32-byte aligned.
-inline void k4_scales_vec(const uint8_t* s12, float d, float dmin, float* s) {
-  uint32_t u[4];
-  k4_regroup(s12, u);
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
-  const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-  const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
-  _mm256_store_ps(s, _mm256_mul_ps(sc, _mm256_set1_ps(d)));
-  _mm256_store_ps(s + 8, _mm256_mul_ps(mn, _mm256_set1_ps(-dmin)));
+// k4_regroup in a vector register: bytes sc[0..7], mn[0..7] from the 12 scale bytes s12.
+inline __m128i k4_regroup_vec(const uint8_t* s12) {
+  uint32_t tail;
+  std::memcpy(&tail, s12 + 8, 4);
+  const __m128i s = _mm_insert_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s12)),
+                                     static_cast<int>(tail), 2);
+  // low 6 bits: s[0..3] (sc 0-3), s[4..7] (mn 0-3); low / high nibbles of s[8..11] (sc / mn 4-7)
+  const __m128i a = _mm_shuffle_epi8(s, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9,
+                                                      10, 11));
+  const __m128i a4 = _mm_blend_epi16(a, _mm_srli_epi16(a, 4), 0xC0);  // bytes 12-15 >> 4
+  const __m128i low = _mm_and_si128(
+      a4, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
+  // bits 4-5 of sc / mn 4-7: the top two bits of s[0..3] / s[4..7]
+  const __m128i b = _mm_shuffle_epi8(s, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1,
+                                                      4, 5, 6, 7));
+  return _mm_or_si128(low, _mm_and_si128(_mm_srli_epi16(b, 2), _mm_set1_epi8(0x30)));
 }
 #endif
 
@@ -1247,53 +1259,76 @@ inline void rows1_avx2(const Problem& p, int64_t r0, int64_t r1, Row row) {
   }
 }
 
-// Q4_K at one activation row, as q4k_row1: per sub-block j of 32 values,
+// Q4_K at one activation row with integer sums: per sub-block j of 32 values,
 //   dl_j * (sum_l q_l x_l) - ml_j * X_j,
-// X_j from p.xsum (q4k_xsum), 8 values per multiply-add. Returns 8 partial sums of row r.
+// X_j from p.xsum (q4k_xsum_avx2), x as two int16 digits per value (p.xq, x_int16_digits: x^_l =
+// 2^e_j (4096 hi_l + lo_l)), so sum_l q_l x^_l is two vpmaddwd sums per 16 values, exact in int32
+// and in float32 (|sum| < 32 * 15 * 2^14 < 2^24). The float work per sub-block is one
+// multiply-add per digit (the sum times sc_j 2^e_j, exact: a power of two times a 6-bit
+// integer); per block (4096 fh + fl) * d. Against float32 multiply-adds per value (int->float
+// conversion, multiply-add: ~55 cycles per block on Zen 3) this takes ~45 (BENCHMARKS.md).
+// Returns 8 partial sums of row r.
 inline __m256 q4k_row1_avx2(const Problem& p, int64_t r) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), accb = _mm256_setzero_ps();
-  const __m256i m15 = _mm256_set1_epi32(15);
+  __m256 acc = _mm256_setzero_ps(), accb = _mm256_setzero_ps();
+  const __m256i m0f = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
   for (int64_t b = 0; b < p.nb; ++b) {
     const int64_t i = r * p.nb + b;
-    alignas(32) float s[16];  // d*sc[0..7], -dmin*mn[0..7]
-    k4_scales_vec(field<uint8_t>(p, 2) + 12 * i, f16_to_f32(field<uint16_t>(p, 0)[i]),
-                  f16_to_f32(field<uint16_t>(p, 1)[i]), s);
+    const uint8_t* s12 = field<uint8_t>(p, 2) + 12 * i;
+    const __m128i bytes = k4_regroup_vec(s12);  // sc[0..7], mn[0..7]
+    const float dmin = f16_to_f32(field<uint16_t>(p, 1)[i]);
+    const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
+    accb = _mm256_fmadd_ps(_mm256_mul_ps(mn, _mm256_set1_ps(-dmin)),
+                           _mm256_loadu_ps(p.xsum + 16 * b + 8), accb);
+    alignas(32) float s[8];  // sc_j 2^e_j, exact
+    _mm256_store_ps(s, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)),
+                                     _mm256_loadu_ps(p.xq_scale + 8 * b)));
     const float* sl = launder(s);
-    accb = _mm256_fmadd_ps(_mm256_load_ps(sl + 8), _mm256_loadu_ps(p.xsum + 16 * b + 8), accb);
     const uint8_t* qs = field<uint8_t>(p, 3) + 128 * i;
-    const float* x = p.x + 256 * b;
+    const int16_t* xq = p.xq + 512 * b;
     prefetch(qs + 128 * kRowPrefetch, 2);  // see kRowPrefetch
-    prefetch(field<uint8_t>(p, 2) + 12 * (i + kRowPrefetch), 1);
+    prefetch(s12 + 12 * kRowPrefetch, 1);
+    __m256 fh = _mm256_setzero_ps(), fl = _mm256_setzero_ps();
 #pragma GCC unroll 4
     for (int g = 0; g < 4; ++g) {  // bytes 32g..32g+31: sub-block 2g (low), 2g+1 (high nibbles)
-      __m256 t = _mm256_setzero_ps(), u = _mm256_setzero_ps();
-#pragma GCC unroll 4
-      for (int h = 0; h < 4; ++h) {
-        const __m256i q = _mm256_cvtepu8_epi32(
-            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 32 * g + 8 * h)));
-        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, m15)),
-                            _mm256_loadu_ps(x + 64 * g + 8 * h), t);
-        u = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)),
-                            _mm256_loadu_ps(x + 64 * g + 32 + 8 * h), u);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * g));
+      const __m256i nib[2] = {_mm256_and_si256(v, m0f),
+                              _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f)};
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const int j = 2 * g + h;
+        // int16 q: values 0-7 | 16-23 and 8-15 | 24-31 (per 128-bit half), as p.xq holds them
+        const __m256i qa = _mm256_unpacklo_epi8(nib[h], zero);
+        const __m256i qb = _mm256_unpackhi_epi8(nib[h], zero);
+        const __m256i* d = reinterpret_cast<const __m256i*>(xq + 64 * j);
+        const __m256i hi = _mm256_add_epi32(_mm256_madd_epi16(qa, _mm256_load_si256(d)),
+                                            _mm256_madd_epi16(qb, _mm256_load_si256(d + 1)));
+        const __m256i lo = _mm256_add_epi32(_mm256_madd_epi16(qa, _mm256_load_si256(d + 2)),
+                                            _mm256_madd_epi16(qb, _mm256_load_si256(d + 3)));
+        const __m256 scale = _mm256_set1_ps(sl[j]);
+        fh = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), scale, fh);
+        fl = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), scale, fl);
       }
-      acc0 = _mm256_fmadd_ps(_mm256_set1_ps(sl[2 * g]), t, acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_set1_ps(sl[2 * g + 1]), u, acc1);
     }
+    const float d = f16_to_f32(field<uint16_t>(p, 0)[i]);
+    acc = _mm256_fmadd_ps(_mm256_fmadd_ps(fh, _mm256_set1_ps(4096.0f), fl), _mm256_set1_ps(d),
+                          acc);
   }
-  return _mm256_add_ps(_mm256_add_ps(acc0, acc1), accb);
+  return _mm256_add_ps(acc, accb);
 }
 
-// Q6_K at one activation row, as q6k_row1: q (0..63) under the exponent of 1.0f is
-// f = 1 + q/64, so per 16-value sub-block s
-//   sum_l dl_s (q_l - 32) x_l = (64 dl_s) * sum_l f_l x_l - (96 dl_s) * X_s,
-// X_s from p.xsub (q6k_xsub). The 6-bit values are assembled 32 bytes at a time in value order
-// (ggml's dequantize_row_q6_K: per half, ql low / high nibbles and qh bit pairs), stored, then
-// widened 8 at a time and placed under the exponent (integer ops only; the multiply-adds are
-// the only floating-point work per value). Returns 8 partial sums of row r.
+// Q6_K at one activation row with integer sums, as q4k_row1_avx2: per 16-value sub-block s,
+//   sum_l dl_s (q_l - 32) x_l = dl_s * sum_l q_l x^_l - 32 dl_s * X_s,
+// X_s from p.xsub (q6k_xsub), x^ from p.xq (x_int16_digits). The 6-bit values are assembled 32
+// at a time in value order (ggml's dequantize_row_q6_K: per half, ql low / high nibbles and qh
+// bit pairs), widened to int16 and multiplied into two vpmaddwd sums per digit; each int32 lane
+// holds 4 products of one sub-block (|sum| < 4 * 63 * 2^14 < 2^24: exact in float32), lanes 0-3
+// sub-block 2c and 4-7 sub-block 2c + 1 of the 32 values c, so one multiply-add per digit takes
+// both sub-scales [sc_2c x 4, sc_2c+1 x 4] * 2^e_c (exact: normal floats, d applied per block as
+// in q4k_row1_avx2; d * sc * 2^e_c could be subnormal). Returns 8 partial sums of row r.
 inline __m256 q6k_row1_avx2(const Problem& p, int64_t r) {
   const __m256i m0f = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
-  const __m256i one = _mm256_set1_epi32(0x3F800000);
-  __m256 tot0 = _mm256_setzero_ps(), tot1 = _mm256_setzero_ps(), accb = _mm256_setzero_ps();
+  const __m256i zero = _mm256_setzero_si256();
+  __m256 acc = _mm256_setzero_ps(), accb = _mm256_setzero_ps();
   for (int64_t b = 0; b < p.nb; ++b) {
     const int64_t i = r * p.nb + b;
     const uint8_t* ql = field<uint8_t>(p, 0) + 128 * i;
@@ -1304,19 +1339,16 @@ inline __m256 q6k_row1_avx2(const Problem& p, int64_t r) {
     const float d = f16_to_f32(field<uint16_t>(p, 3)[i]);
     const __m128i sc8 =
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(field<int8_t>(p, 2) + 16 * i));
-    // dl_s = d * sc_s, exact; 64 dl_s and -96 dl_s exact too
-    const __m256 dl_lo =
-        _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)));
-    const __m256 dl_hi = _mm256_mul_ps(
-        _mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8))));
+    const __m256 sc[2] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)),
+                          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8)))};
+    // -32 dl_s = -32 d * sc_s, exact
     const float* xs = p.xsub + 16 * b;
-    const __m256 m96 = _mm256_set1_ps(-96.0f);
-    accb = _mm256_fmadd_ps(_mm256_mul_ps(dl_lo, m96), _mm256_loadu_ps(xs), accb);
-    accb = _mm256_fmadd_ps(_mm256_mul_ps(dl_hi, m96), _mm256_loadu_ps(xs + 8), accb);
-    alignas(32) float dl64[16];
-    _mm256_store_ps(dl64, _mm256_mul_ps(dl_lo, _mm256_set1_ps(64.0f)));
-    _mm256_store_ps(dl64 + 8, _mm256_mul_ps(dl_hi, _mm256_set1_ps(64.0f)));
-    alignas(32) uint8_t q[256];  // q6 of the block's values, in value order
+    const __m256 m32d = _mm256_set1_ps(-32.0f * d);
+    accb = _mm256_fmadd_ps(_mm256_mul_ps(sc[0], m32d), _mm256_loadu_ps(xs), accb);
+    accb = _mm256_fmadd_ps(_mm256_mul_ps(sc[1], m32d), _mm256_loadu_ps(xs + 8), accb);
+    const int16_t* xq = p.xq + 512 * b;
+    const float* xe = p.xq_scale + 8 * b;
+    __m256 fh = _mm256_setzero_ps(), fl = _mm256_setzero_ps();
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * h));
@@ -1324,40 +1356,38 @@ inline __m256 q6k_row1_avx2(const Problem& p, int64_t r) {
       const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * h));
       // values 128h + l, + 32, + 64, + 96 (l < 32): low nibble of l0 / l1 then high nibbles,
       // with qh bits 0-1, 2-3, 4-5, 6-7 of byte l as bits 4-5
-      const __m256i v0 = _mm256_or_si256(_mm256_and_si256(l0, m0f),
-                                         _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30));
-      const __m256i v1 = _mm256_or_si256(_mm256_and_si256(l1, m0f),
-                                         _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30));
-      const __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m0f),
-                                         _mm256_and_si256(hb, m30));
-      const __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m0f),
-                                         _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(q + 128 * h), v0);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(q + 128 * h + 32), v1);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(q + 128 * h + 64), v2);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(q + 128 * h + 96), v3);
-    }
-    const uint8_t* qm = launder(q);
-    const float* dlm = launder(dl64);
-    const float* x = p.x + 256 * b;
-#pragma GCC unroll 16
-    for (int s = 0; s < 16; ++s) {  // sub-block s: values 16s .. 16s+15
-      __m256 t = _mm256_setzero_ps();
-#pragma GCC unroll 2
-      for (int k = 0; k < 2; ++k) {
-        const __m256i w = _mm256_cvtepu8_epi32(
-            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qm + 16 * s + 8 * k)));
-        const __m256 f = _mm256_castsi256_ps(_mm256_or_si256(_mm256_slli_epi32(w, 17), one));
-        t = _mm256_fmadd_ps(f, _mm256_loadu_ps(x + 16 * s + 8 * k), t);
-      }
-      if (s % 2 == 0) {
-        tot0 = _mm256_fmadd_ps(_mm256_set1_ps(dlm[s]), t, tot0);
-      } else {
-        tot1 = _mm256_fmadd_ps(_mm256_set1_ps(dlm[s]), t, tot1);
+      const __m256i v[4] = {
+          _mm256_or_si256(_mm256_and_si256(l0, m0f),
+                          _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30)),
+          _mm256_or_si256(_mm256_and_si256(l1, m0f),
+                          _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m0f),
+                          _mm256_and_si256(hb, m30)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m0f),
+                          _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30))};
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t) {
+        const int c = 4 * h + t;  // values 32c .. 32c + 31: sub-blocks 2c, 2c + 1
+        // int16 q: values 0-7 | 16-23 and 8-15 | 24-31 (per 128-bit half), as p.xq holds them
+        const __m256i qa = _mm256_unpacklo_epi8(v[t], zero);
+        const __m256i qb = _mm256_unpackhi_epi8(v[t], zero);
+        const __m256i* dg = reinterpret_cast<const __m256i*>(xq + 64 * c);
+        const __m256i hi = _mm256_add_epi32(_mm256_madd_epi16(qa, _mm256_load_si256(dg)),
+                                            _mm256_madd_epi16(qb, _mm256_load_si256(dg + 1)));
+        const __m256i lo = _mm256_add_epi32(_mm256_madd_epi16(qa, _mm256_load_si256(dg + 2)),
+                                            _mm256_madd_epi16(qb, _mm256_load_si256(dg + 3)));
+        const int s0 = (2 * c) % 8;
+        const __m256i pick = _mm256_setr_epi32(s0, s0, s0, s0, s0 + 1, s0 + 1, s0 + 1, s0 + 1);
+        const __m256 scale = _mm256_mul_ps(_mm256_permutevar8x32_ps(sc[c / 4], pick),
+                                           _mm256_set1_ps(xe[c]));
+        fh = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), scale, fh);
+        fl = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), scale, fl);
       }
     }
+    acc = _mm256_fmadd_ps(_mm256_fmadd_ps(fh, _mm256_set1_ps(4096.0f), fl), _mm256_set1_ps(d),
+                          acc);
   }
-  return _mm256_add_ps(_mm256_add_ps(tot0, tot1), accb);
+  return _mm256_add_ps(acc, accb);
 }
 
 // p.xsum for q4k_row1_avx2, as q4k_xsum.
@@ -1373,6 +1403,54 @@ inline void q4k_xsum_avx2(const float* x, int64_t nb, float* xsum) {
     }
     std::memcpy(xsum + 16 * b, v, sizeof v);
   }
+}
+
+// p.xq / p.xq_scale for q4k_row1_avx2 and q6k_row1_avx2: x as x^ = 2^e_j (4096 hi + lo), exact
+// integers against the quants. Per group j of 32 values, with M_j = max |x_l| < 2^E_j and
+// e_j = max(E_j, -100) - 26: N_l = round(x_l / 2^e_j) (|N_l| < 2^26; the largest value exact),
+// split as N_l = 4096 hi_l + lo_l (lo_l in [-2048, 2048), |hi_l| <= 2^14), so x^_l = 2^e_j N_l
+// is within 2^(e_j - 1) <= max(2^-26 M_j, 2^-127) of x_l: finer than float32's own rounding
+// of the group's largest value (2^-24 relative). Stored per group as int16 [hi of values 0-7,
+// 16-23 | hi of 8-15, 24-31 | lo the same], the order vpunpck{l,h}bw gives 32 quant bytes, and
+// 2^e_j (p.xq_scale, 8 per block; e_j in [-126, 102]: normal floats). False where some x is
+// infinite or NaN (the caller then takes the float path, which propagates them).
+inline bool x_int16_digits(const float* x, int64_t nb, int16_t* xq, float* scale) {
+  const __m256i absmask = _mm256_set1_epi32(0x7fffffff), half = _mm256_set1_epi32(2048);
+  for (int64_t j = 0; j < 8 * nb; ++j) {
+    __m256 v[4];
+    __m256i u = _mm256_setzero_si256();  // the largest |x| bit pattern per lane
+    for (int k = 0; k < 4; ++k) {
+      v[k] = _mm256_loadu_ps(x + 32 * j + 8 * k);
+      // |x| bit patterns order as the values do, infinity and then NaN above every finite one
+      u = _mm256_max_epu32(u, _mm256_and_si256(_mm256_castps_si256(v[k]), absmask));
+    }
+    u = _mm256_max_epu32(u, _mm256_shuffle_epi32(u, 0x4e));
+    u = _mm256_max_epu32(u, _mm256_shuffle_epi32(u, 0xb1));
+    const uint32_t top = std::max(static_cast<uint32_t>(_mm256_extract_epi32(u, 0)),
+                                  static_cast<uint32_t>(_mm256_extract_epi32(u, 4)));
+    if (top >= 0x7f800000u) return false;
+    const int e = std::max(static_cast<int>(top >> 23) - 126, -100) - 26;  // M_j < 2^(e+26)
+    const __m256 up = _mm256_castsi256_ps(_mm256_set1_epi32((127 - e) << 23));  // 2^-e
+    const uint32_t down = static_cast<uint32_t>(127 + e) << 23;                  // 2^e
+    std::memcpy(scale + j, &down, 4);
+    __m256i hi[4], lo[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m256i n = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], up));  // exact product, rounded
+      hi[k] = _mm256_srai_epi32(_mm256_add_epi32(n, half), 12);
+      lo[k] = _mm256_sub_epi32(n, _mm256_slli_epi32(hi[k], 12));
+    }
+    // int32 values 0-7, 8-15, 16-23, 24-31 -> int16 [0-7 | 16-23] and [8-15 | 24-31]
+    auto pack = [](const __m256i* w, int a, int c) {
+      return _mm256_packs_epi32(_mm256_permute2x128_si256(w[a], w[c], 0x20),
+                                _mm256_permute2x128_si256(w[a], w[c], 0x31));
+    };
+    __m256i* o = reinterpret_cast<__m256i*>(xq + 64 * j);
+    _mm256_store_si256(o, pack(hi, 0, 2));
+    _mm256_store_si256(o + 1, pack(hi, 1, 3));
+    _mm256_store_si256(o + 2, pack(lo, 0, 2));
+    _mm256_store_si256(o + 3, pack(lo, 1, 3));
+  }
+  return true;
 }
 
 // p.xsub for q6k_row1_avx2: per block the sums of x over its 16 sub-blocks of 16 values.
@@ -2288,19 +2366,32 @@ void run_f32(const Problem& p_in) {
   }
 #endif
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-  static thread_local std::vector<float> xsum_buf, xsub_buf;
+  static thread_local std::vector<float> xsum_buf, xsub_buf, xq_scale_buf;
+  static thread_local std::vector<int16_t> xq_buf;
   if constexpr (std::is_same_v<F, Q4_K>) {
     if (p.m == 1 && kQ4kFactored) {
-      float* xsum = scratch(xsum_buf, 16 * p.nb);
-      q4k_xsum_avx2(p.x, p.nb, xsum);
-      p.xsum = xsum;
+      int16_t* xq = scratch(xq_buf, 512 * p.nb);
+      float* xq_scale = scratch(xq_scale_buf, 8 * p.nb);
+      if (x_int16_digits(p.x, p.nb, xq, xq_scale)) {  // else (inf / NaN in x) the float path
+        float* xsum = scratch(xsum_buf, 16 * p.nb);
+        q4k_xsum_avx2(p.x, p.nb, xsum);
+        p.xsum = xsum;
+        p.xq = xq;
+        p.xq_scale = xq_scale;
+      }
     }
   }
   if constexpr (std::is_same_v<F, Q6_K>) {
     if (p.m == 1 && kQ6kFactored) {
-      float* xsub = scratch(xsub_buf, 16 * p.nb);
-      q6k_xsub(p.x, p.nb, xsub);
-      p.xsub = xsub;
+      int16_t* xq = scratch(xq_buf, 512 * p.nb);
+      float* xq_scale = scratch(xq_scale_buf, 8 * p.nb);
+      if (x_int16_digits(p.x, p.nb, xq, xq_scale)) {  // else (inf / NaN in x) the float path
+        float* xsub = scratch(xsub_buf, 16 * p.nb);
+        q6k_xsub(p.x, p.nb, xsub);
+        p.xsub = xsub;
+        p.xq = xq;
+        p.xq_scale = xq_scale;
+      }
     }
   }
 #endif
@@ -2791,6 +2882,10 @@ extern "C" const char* rwkv_qmatvec_info() {
       " row_prefetch=" + std::to_string(kRowPrefetch) +
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
       " q4k_factored=" + std::to_string(int(kQ4kFactored)) +
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+      " q4k_int16_x=" + std::to_string(int(kQ4kFactored)) +  // x_int16_digits
+      " q6k_int16_x=" + std::to_string(int(kQ6kFactored)) +
 #endif
 #if defined(__AVX512BW__) || (defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__))
       " q6k_factored=" + std::to_string(int(kQ6kFactored)) +
