@@ -1265,9 +1265,9 @@ inline void rows1_avx2(const Problem& p, int64_t r0, int64_t r1, Row row) {
 // 2^e_j (4096 hi_l + lo_l)), so sum_l q_l x^_l is two vpmaddwd sums per 16 values, exact in int32
 // and in float32 (|sum| < 32 * 15 * 2^14 < 2^24). The float work per sub-block is one
 // multiply-add per digit (the sum times sc_j 2^e_j, exact: a power of two times a 6-bit
-// integer); per block (4096 fh + fl) * d. Against float32 multiply-adds per value (int->float
-// conversion, multiply-add: ~55 cycles per block on Zen 3) this takes ~45 (BENCHMARKS.md).
-// Returns 8 partial sums of row r.
+// integer); per block (4096 fh + fl) * d. Fewer vector operations per value than a float32
+// multiply-add after an int -> float conversion of each quant (BENCHMARKS.md: "AVX2 one-row
+// Q4_K / Q6_K kernels with integer sums over x"). Returns 8 partial sums of row r.
 inline __m256 q4k_row1_avx2(const Problem& p, int64_t r) {
   __m256 acc = _mm256_setzero_ps(), accb = _mm256_setzero_ps();
   const __m256i m0f = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
