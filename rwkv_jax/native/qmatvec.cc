@@ -1259,6 +1259,22 @@ inline void rows1_avx2(const Problem& p, int64_t r0, int64_t r1, Row row) {
   }
 }
 
+// 32 quant bytes q (values 0-31 of a group, each < 64) against the group's x digits xq
+// (x_int16_digits): fh += float(sum q hi) * scale and fl += float(sum q lo) * scale per int32
+// lane, lanes 0-3 over values 0-15 and lanes 4-7 over 16-31 (4 products each, exact: < 2^24).
+inline void bytes_dot_xq(__m256i q, const int16_t* xq, __m256 scale, __m256& fh, __m256& fl) {
+  // int16 q: values 0-7 | 16-23 and 8-15 | 24-31 (per 128-bit half), as xq holds them
+  const __m256i qa = _mm256_unpacklo_epi8(q, _mm256_setzero_si256());
+  const __m256i qb = _mm256_unpackhi_epi8(q, _mm256_setzero_si256());
+  const __m256i* d = reinterpret_cast<const __m256i*>(xq);
+  const __m256i hi = _mm256_add_epi32(_mm256_madd_epi16(qa, _mm256_load_si256(d)),
+                                      _mm256_madd_epi16(qb, _mm256_load_si256(d + 1)));
+  const __m256i lo = _mm256_add_epi32(_mm256_madd_epi16(qa, _mm256_load_si256(d + 2)),
+                                      _mm256_madd_epi16(qb, _mm256_load_si256(d + 3)));
+  fh = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), scale, fh);
+  fl = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), scale, fl);
+}
+
 // Q4_K at one activation row with integer sums: per sub-block j of 32 values,
 //   dl_j * (sum_l q_l x_l) - ml_j * X_j,
 // X_j from p.xsum (q4k_xsum_avx2), x as two int16 digits per value (p.xq, x_int16_digits: x^_l =
@@ -1270,7 +1286,7 @@ inline void rows1_avx2(const Problem& p, int64_t r0, int64_t r1, Row row) {
 // Q4_K / Q6_K kernels with integer sums over x"). Returns 8 partial sums of row r.
 inline __m256 q4k_row1_avx2(const Problem& p, int64_t r) {
   __m256 acc = _mm256_setzero_ps(), accb = _mm256_setzero_ps();
-  const __m256i m0f = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+  const __m256i m0f = _mm256_set1_epi8(0x0f);
   for (int64_t b = 0; b < p.nb; ++b) {
     const int64_t i = r * p.nb + b;
     const uint8_t* s12 = field<uint8_t>(p, 2) + 12 * i;
@@ -1296,17 +1312,7 @@ inline __m256 q4k_row1_avx2(const Problem& p, int64_t r) {
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         const int j = 2 * g + h;
-        // int16 q: values 0-7 | 16-23 and 8-15 | 24-31 (per 128-bit half), as p.xq holds them
-        const __m256i qa = _mm256_unpacklo_epi8(nib[h], zero);
-        const __m256i qb = _mm256_unpackhi_epi8(nib[h], zero);
-        const __m256i* d = reinterpret_cast<const __m256i*>(xq + 64 * j);
-        const __m256i hi = _mm256_add_epi32(_mm256_madd_epi16(qa, _mm256_load_si256(d)),
-                                            _mm256_madd_epi16(qb, _mm256_load_si256(d + 1)));
-        const __m256i lo = _mm256_add_epi32(_mm256_madd_epi16(qa, _mm256_load_si256(d + 2)),
-                                            _mm256_madd_epi16(qb, _mm256_load_si256(d + 3)));
-        const __m256 scale = _mm256_set1_ps(sl[j]);
-        fh = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), scale, fh);
-        fl = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), scale, fl);
+        bytes_dot_xq(nib[h], xq + 64 * j, _mm256_set1_ps(sl[j]), fh, fl);
       }
     }
     const float d = f16_to_f32(field<uint16_t>(p, 0)[i]);
@@ -1327,7 +1333,6 @@ inline __m256 q4k_row1_avx2(const Problem& p, int64_t r) {
 // in q4k_row1_avx2; d * sc * 2^e_c could be subnormal). Returns 8 partial sums of row r.
 inline __m256 q6k_row1_avx2(const Problem& p, int64_t r) {
   const __m256i m0f = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
-  const __m256i zero = _mm256_setzero_si256();
   __m256 acc = _mm256_setzero_ps(), accb = _mm256_setzero_ps();
   for (int64_t b = 0; b < p.nb; ++b) {
     const int64_t i = r * p.nb + b;
@@ -1368,20 +1373,11 @@ inline __m256 q6k_row1_avx2(const Problem& p, int64_t r) {
 #pragma GCC unroll 4
       for (int t = 0; t < 4; ++t) {
         const int c = 4 * h + t;  // values 32c .. 32c + 31: sub-blocks 2c, 2c + 1
-        // int16 q: values 0-7 | 16-23 and 8-15 | 24-31 (per 128-bit half), as p.xq holds them
-        const __m256i qa = _mm256_unpacklo_epi8(v[t], zero);
-        const __m256i qb = _mm256_unpackhi_epi8(v[t], zero);
-        const __m256i* dg = reinterpret_cast<const __m256i*>(xq + 64 * c);
-        const __m256i hi = _mm256_add_epi32(_mm256_madd_epi16(qa, _mm256_load_si256(dg)),
-                                            _mm256_madd_epi16(qb, _mm256_load_si256(dg + 1)));
-        const __m256i lo = _mm256_add_epi32(_mm256_madd_epi16(qa, _mm256_load_si256(dg + 2)),
-                                            _mm256_madd_epi16(qb, _mm256_load_si256(dg + 3)));
         const int s0 = (2 * c) % 8;
         const __m256i pick = _mm256_setr_epi32(s0, s0, s0, s0, s0 + 1, s0 + 1, s0 + 1, s0 + 1);
         const __m256 scale = _mm256_mul_ps(_mm256_permutevar8x32_ps(sc[c / 4], pick),
                                            _mm256_set1_ps(xe[c]));
-        fh = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), scale, fh);
-        fl = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), scale, fl);
+        bytes_dot_xq(v[t], xq + 64 * c, scale, fh, fl);
       }
     }
     acc = _mm256_fmadd_ps(_mm256_fmadd_ps(fh, _mm256_set1_ps(4096.0f), fl), _mm256_set1_ps(d),
@@ -2366,29 +2362,22 @@ void run_f32(const Problem& p_in) {
   }
 #endif
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-  static thread_local std::vector<float> xsum_buf, xsub_buf, xq_scale_buf;
+  static thread_local std::vector<float> sums_buf, xq_scale_buf;
   static thread_local std::vector<int16_t> xq_buf;
-  if constexpr (std::is_same_v<F, Q4_K>) {
-    if (p.m == 1 && kQ4kFactored) {
+  constexpr bool q4k = std::is_same_v<F, Q4_K>, q6k = std::is_same_v<F, Q6_K>;
+  if constexpr (q4k || q6k) {
+    if (p.m == 1 && (q4k ? kQ4kFactored : kQ6kFactored)) {
       int16_t* xq = scratch(xq_buf, 512 * p.nb);
       float* xq_scale = scratch(xq_scale_buf, 8 * p.nb);
       if (x_int16_digits(p.x, p.nb, xq, xq_scale)) {  // else (inf / NaN in x) the float path
-        float* xsum = scratch(xsum_buf, 16 * p.nb);
-        q4k_xsum_avx2(p.x, p.nb, xsum);
-        p.xsum = xsum;
-        p.xq = xq;
-        p.xq_scale = xq_scale;
-      }
-    }
-  }
-  if constexpr (std::is_same_v<F, Q6_K>) {
-    if (p.m == 1 && kQ6kFactored) {
-      int16_t* xq = scratch(xq_buf, 512 * p.nb);
-      float* xq_scale = scratch(xq_scale_buf, 8 * p.nb);
-      if (x_int16_digits(p.x, p.nb, xq, xq_scale)) {  // else (inf / NaN in x) the float path
-        float* xsub = scratch(xsub_buf, 16 * p.nb);
-        q6k_xsub(p.x, p.nb, xsub);
-        p.xsub = xsub;
+        float* sums = scratch(sums_buf, 16 * p.nb);
+        if constexpr (q4k) {
+          q4k_xsum_avx2(p.x, p.nb, sums);
+          p.xsum = sums;
+        } else {
+          q6k_xsub(p.x, p.nb, sums);
+          p.xsub = sums;
+        }
         p.xq = xq;
         p.xq_scale = xq_scale;
       }
