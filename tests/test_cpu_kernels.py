@@ -169,16 +169,26 @@ def _q4k_parts(raw: np.ndarray, out: int, n_in: int) -> tuple[np.ndarray, np.nda
 
 
 def _x_digit_error(x: np.ndarray) -> np.ndarray:
-    """Per element, how far q4k_xdigits' x^ may be from x (float64, x's shape): 2^(e_j - 1)
+    """Per element, how far x_int16_digits' x^ may be from x (float64, x's shape): 2^(e_j - 1)
     with e_j = max(E_j, -100) - 26 and max |x| over the 32-value sub-block < 2^E_j."""
     m = np.abs(x.astype(np.float64)).reshape(*x.shape[:-1], -1, 32).max(axis=-1)
     e = np.maximum(np.where(m > 0, np.frexp(m)[1], -100), -100) - 26  # frexp: m < 2^E
     return np.repeat(np.ldexp(1.0, e - 1), 32, axis=-1)
 
 
-def _q4k_int16_x() -> bool:
-    """Whether this build's one-row Q4_K kernel takes x as int16 digits (AVX2)."""
-    return "q4k_int16_x=1" in cpu_kernels.info().split()
+def _int16_x(cls: type[quant.Weight]) -> bool:
+    """Whether this build's one-row kernel for cls takes x as int16 digits (AVX2 Q4_K, Q6_K)."""
+    return f"{cls.__name__.lower()}_int16_x=1" in cpu_kernels.info().split()
+
+
+def _one_row_case(cls: type[quant.Weight], out: int, n_in: int, seed: int):
+    """(raw block bytes, their values per gguf-py as float64 [out, in], the packed weight, one
+    standard-normal float32 activation row [1, in]), all from one generator."""
+    rng = np.random.default_rng(seed)
+    raw = _raw(cls, (out, n_in), rng)
+    deq = gguf_dequantize(raw.reshape(out, -1), cls.GGML_TYPE).astype(np.float64)
+    x = rng.standard_normal((1, n_in)).astype(np.float32)
+    return raw, deq, cls.from_raw(raw, (out, n_in)), x
 
 
 @native
@@ -190,14 +200,10 @@ def test_q4k_one_row_factored(out, n_in):
     Thm 3.1), a bound on the parts instead of on |w| = |dl_j q - ml_j|; on AVX2 over x^ (x as
     int16 digits, test_one_row_x_digits) plus sum |dl_j q| |x^ - x|. out = 17: a 16-row
     lane sum and a lone row; out = 1000: split between threads."""
-    rng = np.random.default_rng(out)
-    raw = _raw(quant.Q4_K, (out, n_in), rng)
-    deq = gguf_dequantize(raw.reshape(out, -1), quant.Q4_K.GGML_TYPE).astype(np.float64)
-    w = quant.Q4_K.from_raw(raw, (out, n_in))
+    raw, deq, w, x = _one_row_case(quant.Q4_K, out, n_in, seed=out)
     dlq, ml = _q4k_parts(raw, out, n_in)
-    x = rng.standard_normal((1, n_in)).astype(np.float32)
     want = x.astype(np.float64) @ deq.T
-    ex = _x_digit_error(x) if _q4k_int16_x() else np.zeros(x.shape)
+    ex = _x_digit_error(x) if _int16_x(quant.Q4_K) else np.zeros(x.shape)
     n, u = n_in + 2, 2.0**-24
     ax = np.abs(x.astype(np.float64)) + ex
     bound = n * u / (1 - n * u) * (ax @ (dlq + np.abs(ml)).T) + ex @ dlq.T + u * np.abs(want)
@@ -233,11 +239,7 @@ def test_one_row_x_digits(cls, case):
     limit. Infinite or NaN x take the float path and give what numpy does. Other builds (float32
     x throughout): the bound without that term."""
     out, n_in = 300, 512
-    rng = np.random.default_rng(7)
-    raw = _raw(cls, (out, n_in), rng)
-    deq = gguf_dequantize(raw.reshape(out, -1), cls.GGML_TYPE).astype(np.float64)
-    w = cls.from_raw(raw, (out, n_in))
-    x = rng.standard_normal((1, n_in)).astype(np.float32)
+    raw, deq, w, x = _one_row_case(cls, out, n_in, seed=7)
     if case == "outliers":
         x[0, ::32] *= 1e4
     elif case == "tiny":
@@ -258,13 +260,12 @@ def test_one_row_x_digits(cls, case):
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
         np.testing.assert_array_equal(got[~np.isnan(got)], want[~np.isnan(want)].astype(np.float32))
         return
+    int16_x = _int16_x(cls)
     if cls is quant.Q4_K:
         dlq, ml = _q4k_parts(raw, out, n_in)
         parts, digit_part = dlq + np.abs(ml), dlq
-        int16_x = "q4k_int16_x=1" in cpu_kernels.info().split()
     else:
         dl, q = _q6k_parts(raw, out, n_in)
-        int16_x = "q6k_int16_x=1" in cpu_kernels.info().split()
         parts, digit_part = dl * (q + (32 if int16_x else 160)), dl * q
     ex = _x_digit_error(x) if int16_x else np.zeros(x.shape)
     n, u = n_in + 2, 2.0**-24
@@ -286,16 +287,12 @@ def test_q6k_one_row_factored(out, n_in):
     * sum(x) with x^ as int16 digits (test_one_row_x_digits): gamma_{n+2} * sum |dl_s| (q +
     32) (|x| + |x^ - x|) plus sum |dl_s| q |x^ - x|. out = 17: a 16-row lane sum and a lone
     row; 1000: split between threads; 3072: the FFN value shape (12 blocks per row)."""
-    rng = np.random.default_rng(out)
-    raw = _raw(quant.Q6_K, (out, n_in), rng)
-    deq = gguf_dequantize(raw.reshape(out, -1), quant.Q6_K.GGML_TYPE).astype(np.float64)
-    w = quant.Q6_K.from_raw(raw, (out, n_in))
+    raw, deq, w, x = _one_row_case(quant.Q6_K, out, n_in, seed=out)
     dl, q = _q6k_parts(raw, out, n_in)
-    x = rng.standard_normal((1, n_in)).astype(np.float32)
     want = x.astype(np.float64) @ deq.T
     n, u = n_in + 2, 2.0**-24
     gamma = n * u / (1 - n * u)
-    if "q6k_int16_x=1" in cpu_kernels.info().split():
+    if _int16_x(quant.Q6_K):
         ex = _x_digit_error(x)
         ax = np.abs(x.astype(np.float64)) + ex
         bound = gamma * (ax @ (dl * (q + 32)).T) + ex @ (dl * q).T
