@@ -11,7 +11,7 @@ step). One more call runs under jax.profiler.trace; per matrix it reports the Pa
 own time (events named rwkv_jax_*, median over the layers) and all kernels per matrix (the
 split-K partial sums and the fold included) — the figure to compare launch shapes by, since a
 microbenchmark's wall time is dominated by its own launches for matrices this small.
-Configs: TILE:WARPS:SPLIT[:STAGES]; GB/s counts packed weight bytes.
+Configs: TILE:WARPS:SPLIT[:STAGES[:ROW_LOOP]]; GB/s counts packed weight bytes.
 """
 
 from __future__ import annotations
@@ -87,8 +87,10 @@ def run_shape(
     ]
     nbytes = group * cls.row_bytes(n_in) * out
     for spec in configs:
-        t, nw, sp, *st = map(int, spec.split(":"))
-        launch = dict(block_rows=t, num_warps=nw, split=sp, num_stages=st[0] if st else 2)
+        t, nw, sp, *more = map(int, spec.split(":"))
+        launch = dict(block_rows=t, num_warps=nw, split=sp, num_stages=more[0] if more else 2)
+        if len(more) > 1:  # the integer path's row tiles per program
+            launch["row_loop"] = more[1]
         launch["interpret"] = interpret
         if gpu_kernels._row_tile(out, t) != t:
             continue

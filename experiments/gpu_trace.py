@@ -288,6 +288,9 @@ def main() -> None:
         "--int-split", type=int, default=None, help="gpu_kernels.INT_SPLIT (integer dot path)"
     )
     p.add_argument(
+        "--int-row-loop", type=int, default=None, help="gpu_kernels.INT_ROW_LOOP (integer path)"
+    )
+    p.add_argument(
         "--factored", action="store_true", help="gpu_kernels.FACTORED: scales out of the sums"
     )
     p.add_argument(
@@ -363,6 +366,7 @@ def main() -> None:
     gpu_time_mix.ENABLED = gpu_time_mix.ENABLED and not a.no_time_mix
     gpu_kernels.FACTORED = gpu_kernels.FACTORED or a.factored
     gpu_kernels.INT_SPLIT = a.int_split or gpu_kernels.INT_SPLIT
+    gpu_kernels.INT_ROW_LOOP = a.int_row_loop or gpu_kernels.INT_ROW_LOOP
     if a.pallas:  # tuning only: the constants are module globals read at trace time
         names = ("MIN_ROWS", "BLOCK_ROWS", "NUM_WARPS", "SPLIT")
         for name, v in zip(names, map(int, a.pallas.split(":")), strict=True):

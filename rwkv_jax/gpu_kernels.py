@@ -96,6 +96,20 @@ SPLIT = 20
 # 2-8 warps or 1-3 stages within ~0.3 us of 32 x 4 or slower for every matrix (the head keeps
 # its WIDE_ROWS).
 INT_SPLIT = 10
+# ... and row tiles per program on that path: a program splits x into integer digits once per
+# super-block and multiplies that many tiles of rows by them, one after another. Each program
+# takes at most INT_ROW_LOOP (row tile, super-block) pairs, and the launch keeps at least
+# INT_LOOP_PROGRAMS programs. H200, `python -m experiments.gpu_sweep --configs
+# 32:4:SPLIT:2:LOOP`, kernel time per matrix at one row, loop 1 / 2 / 4 / 8: one super-block
+# per program (split 10): r/k/v group 8.19 / 7.97 / 7.79 / 12.18 us, FFN key 9.73 / 9.25 / 8.77
+# / 11.68, C x C (800 programs at loop 1) 3.38 / 3.23 / 4.16 / 6.11; two (split 5): r/k/v 9.50
+# / 8.62 / 12.94, FFN key 11.02 / 9.46 / 12.98; four (the FFN value at split 10) 11.63 / 13.68
+# / 28.29 / 31.58 (another call). Generation loop (`python -m experiments.gpu_trace --cases
+# tg:1:128 tg:4:64 [--int-row-loop 1]`, one call, before / after twice): B = 1 532.1 / 540.2,
+# 533.3 / 543.1 tok/s (the r/k/v group -0.9 us and the FFN key -0.8 us per layer); B = 4 lost
+# (1089.7 / 1047.9, 1090.1 / 1054.3: its r/k/v group took 20.3 instead of 16.1 us per layer at
+# loop 4), so from two rows a program takes one tile unless asked
+INT_ROW_LOOP, INT_LOOP_PROGRAMS = 4, 600
 # the tensor-core kernel (more rows) splits its super-blocks into at most MMA_SPLIT parts; from
 # MMA_WIDE_M rows (padded) into the fewest parts giving at least MMA_PROGRAMS programs per launch
 # instead: each part's [out, M] float32 sums are written, read back and added by XLA, which
@@ -191,6 +205,7 @@ def matmul_group(
     split: int | None = None,
     num_stages: int | None = None,
     factored: bool | None = None,
+    row_loop: int | None = None,
     partials: bool = False,
 ) -> list[Array] | Array:
     """[x_g @ W_g^T] for G weights of one format and shape and G inputs of one shape, in one
@@ -200,7 +215,8 @@ def matmul_group(
     Up to MAX_ROWS rows: float32 accumulators per row. More: each super-block's values rounded
     to x's dtype (as the XLA path's dequantize-then-dot does) and multiplied on tensor cores with
     float32 accumulation. block_rows / num_warps / split / num_stages / factored override the
-    launch shape and the accumulation (tuning: experiments/gpu_matvec.py, gpu_trace.py).
+    launch shape and the accumulation, row_loop the integer path's row tiles per program
+    (INT_ROW_LOOP; tuning: experiments/gpu_sweep.py, gpu_trace.py).
     partials: return the kernel's split-K partial sums as they are, float32 [G, parts, out, M]
     (M = the rows padded to a power of two), for a consumer that adds them itself.
     """
@@ -247,7 +263,12 @@ def matmul_group(
     one = arrays[:per_group]  # one group's operands: the others match them
     shapes, dtypes = tuple(a.shape for a in one), tuple(a.dtype for a in one)
     warps, stages = (MMA_WARPS, MMA_STAGES) if mma else (NUM_WARPS, NUM_STAGES)
-    launch = (tile, parts, num_warps or warps, num_stages or stages)
+    loop = 1
+    if ints and (row_loop or m == 1):  # more rows: the default is one tile (see INT_ROW_LOOP)
+        loop = row_loop or _int_row_loop(groups * out // tile, parts, nb // parts)
+    while (out // tile) % loop:
+        loop //= 2
+    launch = (tile, loop, parts, num_warps or warps, num_stages or stages)
     fact = "ints" if ints else (FACTORED if factored is None else factored)
     call = _call(fmt, shapes, dtypes, m, out, nb, *launch, mma, fact, stacked, groups, interpret)
     if stacked:
@@ -257,6 +278,16 @@ def matmul_group(
         return partial
     y = partial[:, 0] if parts == 1 else jnp.sum(partial, axis=1)  # [G, out, M]
     return [y[g].T[:rows].reshape(*lead, out) for g in range(groups)]
+
+
+def _int_row_loop(tiles: int, parts: int, per: int) -> int:
+    """Row tiles per program on the integer path for `tiles` row tiles in `parts` parts of `per`
+    super-blocks: INT_ROW_LOOP // per, halved until the launch keeps INT_LOOP_PROGRAMS programs
+    (or 1)."""
+    loop = max(1, INT_ROW_LOOP // per)
+    while loop > 1 and tiles // loop * parts < INT_LOOP_PROGRAMS:
+        loop //= 2
+    return loop
 
 
 def _parts(nb: int, split: int) -> int:
@@ -283,6 +314,7 @@ def _call(
     out,
     nb,
     tile,
+    loop,
     parts,
     num_warps,
     stages,
@@ -296,17 +328,19 @@ def _call(
     super-block parts); shapes are one group's operands (fields, then x).
 
     stacked: the fields are [L, out, nb, *view], passed whole after an int32 [1] layer index;
-    the kernel offsets its loads by (layer, row tile, part) itself."""
+    the kernel offsets its loads by (layer, row tile, part) itself. loop: row tiles per program
+    (the integer path; 1 elsewhere)."""
     per = nb // parts  # super-blocks per program
     n_fields = len(fmt.fields)
-    tiles = out // tile  # row tiles per group: program i works on group i // tiles
+    span = tile * loop  # rows per program
+    tiles = out // span  # programs per group along the rows: program i works on group i // tiles
 
     def field_spec(shape):
         if stacked:  # the whole stack; loads index it (see `get` in the kernel)
             return pl.BlockSpec(shape, lambda i, k: (0,) * len(shape))
-        # [out, nb, *view] -> block [tile, per, *view]
+        # [out, nb, *view] -> block [span, per, *view]
         zeros = (0,) * (len(shape) - 2)
-        return pl.BlockSpec((tile, per, *shape[2:]), lambda i, k: (i % tiles, k, *zeros))
+        return pl.BlockSpec((span, per, *shape[2:]), lambda i, k: (i % tiles, k, *zeros))
 
     group_specs = [field_spec(s) for s in shapes[:n_fields]]
     if mma:  # x [nb, planes, 256 / planes, M]
@@ -363,18 +397,27 @@ def _call(
     # model, `gpu_trace --dtype float32`: B = 4 973.8 -> 723.9, B = 2 663.9 -> 545.9 tok/s)
     lead = (m,) if m > 1 else ()
 
-    def int_step(get, s, ins, acc):
-        # per row and sub-block: scale * sx * sum(q w) - offset * sum(x), with w x's 16-bit
-        # integer values (256 hi + lo, made here from x as it lies: _split_plane) and sum(q w)
-        # exact in int32 (dp4a); acc [*lead, tile, *group, 1]
-        *fields, x_ref = ins
-        # weights' and x's axes to broadcast on: [*lead, tile, ...]
-        w_ax, x_ax = ((None,), (slice(None), None)) if lead else ((), (None,))
-        for k, (q, scale, offset) in enumerate(fmt.ints(get, *fields, s)):
+    def x_digits(x_ref, s):
+        # x's 16-bit integer values (256 hi + lo, made here from x as it lies: _split_plane)
+        # per plane of super-block s: [(hi, lo, scale, sum)]
+        out = []
+        for k in range(fmt.x_view[fmt.plane_axis]):
             at = tuple(k if a == fmt.plane_axis else slice(None) for a in range(len(fmt.x_view)))
             # plane k, float32 [*lead, *int view, 4]: a word's four values on the last axis
             x = x_ref[(slice(None) if lead else 0, s, *at)].astype(jnp.float32)
-            hi, lo, sx, xs = _split_plane(x)
+            out.append(_split_plane(x))
+        return out
+
+    def int_step(get, s, ins, acc, digits):
+        # per row and sub-block: scale * sx * sum(q w) - offset * sum(x), with w x's digits
+        # (x_digits of super-block s, made once for the program's row tiles) and sum(q w) exact
+        # in int32 (dp4a); acc [*lead, tile, *group, 1]
+        *fields, _ = ins
+        # weights' and x's axes to broadcast on: [*lead, tile, ...]
+        w_ax, x_ax = ((None,), (slice(None), None)) if lead else ((), (None,))
+        for (q, scale, offset), (hi, lo, sx, xs) in zip(
+            fmt.ints(get, *fields, s), digits, strict=True
+        ):
             shape = (*lead, *q.shape)
             q, hi, lo = (jnp.broadcast_to(a, shape) for a in (q[w_ax], hi[x_ax], lo[x_ax]))
             qx = sx[x_ax] * jnp.sum(_dot4(q, hi, lo, interpret), axis=-1, keepdims=True)
@@ -395,30 +438,40 @@ def _call(
             idx_ref, *ins = ins
             layer = idx_ref[0]
             row_tile = pl.program_id(0) % tiles if groups > 1 else pl.program_id(0)
-            rows = pl.ds(pl.multiple_of(row_tile * tile, tile), tile)
             k0 = pl.program_id(1) * per
 
-            def get(ref, s, *rest):
-                return ref[(layer, rows, k0 + s, *rest)]
+            def getter(r):  # loads of the program's r-th tile of rows
+                rows = pl.ds(pl.multiple_of((row_tile * loop + r) * tile, tile), tile)
+                return lambda ref, s, *rest: ref[(layer, rows, k0 + s, *rest)]
         else:
 
-            def get(ref, s, *rest):
-                return ref[(slice(None), s, *rest)]
+            def getter(r):
+                return lambda ref, s, *rest: ref[(pl.ds(r * tile, tile), s, *rest)]
 
+        gets = [getter(r) for r in range(loop)]
         if groups == 1:
-            return product(get, ins, o_ref)
+            return product(gets, ins, o_ref)
         n = len(shapes)  # one group's operands: fields, then x
         for g in range(groups):  # one branch runs: this program's group
             pl.when(pl.program_id(0) // tiles == g)(
-                functools.partial(product, get, ins[g * n : (g + 1) * n], o_ref)
+                functools.partial(product, gets, ins[g * n : (g + 1) * n], o_ref)
             )
 
-    def product(get, ins, o_ref):
-        # this program's [tile, M] partial product of one group
+    def product(gets, ins, o_ref):
+        # this program's [span, M] partial product of one group
+        get = gets[0]
         if mma:
             init, step = jnp.zeros((tile, m), jnp.float32), mma_step
-        elif factored == "ints":  # one accumulator [*lead, tile, group, 1]
-            init, step = jnp.zeros((*lead, tile, *fmt.plane_view[:-1], 1), jnp.float32), int_step
+        elif factored == "ints":  # one accumulator [*lead, tile, group, 1] per tile of rows
+            init = tuple(
+                jnp.zeros((*lead, tile, *fmt.plane_view[:-1], 1), jnp.float32) for _ in gets
+            )
+
+            def step(_, s, ins, accs):  # x's digits made once for every tile of rows
+                digits = x_digits(ins[-1], s)
+                return tuple(
+                    int_step(g, s, ins, a, digits) for g, a in zip(gets, accs, strict=True)
+                )
         elif factored:  # the factored float path: accumulators [tile, group, 1] per row
             group = (tile, *fmt.plane_view[:-1], 1)
             init, step = tuple(jnp.zeros(group, jnp.float32) for _ in range(m)), factored_step
@@ -434,12 +487,14 @@ def _call(
             o_ref[...] = acc
             return
         if factored == "ints":
-            while acc.ndim > len(lead) + 1:
-                acc = jnp.sum(acc, axis=-1)
-            if lead:
-                o_ref[...] = acc.T
-            else:
-                o_ref[:, 0] = acc
+            for r, a in enumerate(acc):
+                while a.ndim > len(lead) + 1:
+                    a = jnp.sum(a, axis=-1)
+                rows = pl.ds(r * tile, tile)
+                if lead:
+                    o_ref[rows, :] = a.T
+                else:
+                    o_ref[rows, 0] = a
             return
         for r, a in enumerate(acc):
             while a.ndim > 1:
@@ -451,7 +506,7 @@ def _call(
         out_shape=jax.ShapeDtypeStruct((groups, parts, out, m), jnp.float32),
         grid=(groups * tiles, parts),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, None, tile, m), lambda i, k: (i // tiles, k, i % tiles, 0)),
+        out_specs=pl.BlockSpec((None, None, span, m), lambda i, k: (i // tiles, k, i % tiles, 0)),
         compiler_params=compiler_params(num_warps, stages, interpret),
         interpret=interpret,
         name=f"rwkv_jax_{fmt.name}_{'mma' if mma else 'matvec'}",

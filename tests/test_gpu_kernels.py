@@ -3,6 +3,8 @@ and the Triton lowering for CUDA (lowered here, not run: no GPU on CI)."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -491,3 +493,60 @@ def test_consumer_split_sets_the_parts(layout):
 
     assert parts(None) == 10
     assert parts(gpu_time_mix.RKV_SPLIT) == 5
+
+
+@pytest.mark.parametrize("cls", KERNEL_FORMATS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(("rows", "stacked", "split"), [(1, True, 1), (1, False, 2), (3, True, 2)])
+@pytest.mark.parametrize("layout", ["words"], indirect=True)
+def test_integer_path_row_loop_equals_one_tile_per_program(cls, rows, stacked, split, layout):
+    """Several tiles of rows per program on the integer path (row_loop: x's digits made once
+    for all of them) give exactly one tile per program's results, with that many times fewer
+    programs, over one super-block per program (split 2) or a loop over two (split 1); a loop
+    the row tiles do not divide into falls back to one that does."""
+    rng = np.random.default_rng(960 + rows + int(stacked) + int(cls.GGML_TYPE))
+    shape = (64, 512)  # 16-row tiles: 4 per matrix
+    ws = [cls.from_raw(_random_raw(cls, shape, rng), shape) for _ in range(2)]
+    w, layer = (quant.stack(ws), jnp.int32(1)) if stacked else (ws[1], None)
+    x = jnp.asarray(rng.standard_normal((rows, shape[1])), jnp.bfloat16)
+
+    def run(loop):
+        kw = dict(layer=layer, interpret=True, block_rows=16, split=split, row_loop=loop)
+        f = lambda w, x: gpu_kernels.matmul(w, x, **kw)  # noqa: E731
+        (call,) = [
+            e for e in equations(jax.make_jaxpr(f)(w, x)) if e.primitive.name == "pallas_call"
+        ]
+        return np.asarray(f(w, x)), call.params["grid_mapping"].grid
+
+    want, grid = run(1)
+    assert grid == (4, split)
+    for loop, programs in ((2, 2), (4, 1), (8, 1)):  # 8 does not divide 4 tiles: 4
+        got, grid = run(loop)
+        assert grid == (programs, split)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("layout", ["words"], indirect=True)
+def test_integer_path_default_row_loop(layout):
+    """By default a program of the integer path takes INT_ROW_LOOP (row tile, super-block)
+    pairs where the launch keeps INT_LOOP_PROGRAMS programs: at the 2.9b model's shapes 4 tiles
+    of one super-block for the FFN key (3200 programs at one tile each) and the r/k/v group in
+    10 parts, 2 tiles of two super-blocks for the group in 5 parts; one tile for the output
+    matrix (800 programs), the FFN value (4 super-blocks per program) and more rows than one."""
+    C, F = 2560, 10240
+
+    def programs(shape, group=1, split=None, rows=1):
+        w = quant.Q4_K.from_raw(np.zeros(shape[0] * shape[1] // 256 * 144, np.uint8), shape)
+        x = jnp.ones((rows, shape[1]), jnp.bfloat16)
+        jaxpr = jax.make_jaxpr(
+            lambda w, x: gpu_kernels.matmul_group([w] * group, [x] * group, split=split)
+        )(w, x)
+        (call,) = [e for e in equations(jaxpr) if e.primitive.name == "pallas_call"]
+        return math.prod(call.params["grid_mapping"].grid)
+
+    assert gpu_kernels.INT_ROW_LOOP == 4  # the figures below
+    assert programs((F, C)) == 320 * 10 // 4
+    assert programs((C, C), group=3) == 240 * 10 // 4
+    assert programs((C, C), group=3, split=5) == 240 * 5 // 2
+    assert programs((C, C)) == 80 * 10
+    assert programs((C, F)) == 80 * 10
+    assert programs((F, C), rows=2) == programs((F, C), rows=4) == 320 * 10
