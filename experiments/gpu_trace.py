@@ -285,7 +285,10 @@ def main() -> None:
         help="override gpu_kernels' launch constants (0 = keep one), e.g. 1:16:4:1",
     )
     p.add_argument(
-        "--int-split", type=int, default=None, help="gpu_kernels.INT_SPLIT (integer dot path)"
+        "--int-split",
+        type=int,
+        default=None,
+        help="gpu_kernels.INT_SPLIT and INT_SPLIT_ONE_ROW (integer dot path)",
     )
     p.add_argument(
         "--int-row-loop", type=int, default=None, help="gpu_kernels.INT_ROW_LOOP (integer path)"
@@ -366,6 +369,7 @@ def main() -> None:
     gpu_time_mix.ENABLED = gpu_time_mix.ENABLED and not a.no_time_mix
     gpu_kernels.FACTORED = gpu_kernels.FACTORED or a.factored
     gpu_kernels.INT_SPLIT = a.int_split or gpu_kernels.INT_SPLIT
+    gpu_kernels.INT_SPLIT_ONE_ROW = a.int_split or gpu_kernels.INT_SPLIT_ONE_ROW
     gpu_kernels.INT_ROW_LOOP = a.int_row_loop or gpu_kernels.INT_ROW_LOOP
     if a.pallas:  # tuning only: the constants are module globals read at trace time
         names = ("MIN_ROWS", "BLOCK_ROWS", "NUM_WARPS", "SPLIT")

@@ -108,8 +108,16 @@ INT_SPLIT = 10
 # tg:1:128 tg:4:64 [--int-row-loop 1]`, one call, before / after twice): B = 1 532.1 / 540.2,
 # 533.3 / 543.1 tok/s (the r/k/v group -0.9 us and the FFN key -0.8 us per layer); B = 4 lost
 # (1089.7 / 1047.9, 1090.1 / 1054.3: its r/k/v group took 20.3 instead of 16.1 us per layer at
-# loop 4), so from two rows a program takes one tile unless asked
+# loop 4), so from two rows a program takes one tile unless asked. Q6_K (FFN value at split 20)
+# 14.08 / 16.19 us, the head (one super-block per program) 63.18 / 64.32 / 63.34 us at loop 1 /
+# 2 / 4: Q6_K keeps one tile too.
 INT_ROW_LOOP, INT_LOOP_PROGRAMS = 4, 600
+# ... and at one row the integer path splits the super-blocks into (at most) INT_SPLIT_ONE_ROW
+# parts: the Q4_K FFN value (40 super-blocks per row) then takes 2 per program and 2 row tiles
+# (INT_ROW_LOOP), 9.87 us against 11.68 at split 10 (4 per program, one tile); Q6_K 14.08 vs
+# 14.14 us. Generation loop (`gpu_trace --cases tg:1:128 [--int-split 20]`, one call, split 10
+# / 20 twice): 543.9 / 565.1, 544.7 / 559.3 tok/s
+INT_SPLIT_ONE_ROW = 20
 # the tensor-core kernel (more rows) splits its super-blocks into at most MMA_SPLIT parts; from
 # MMA_WIDE_M rows (padded) into the fewest parts giving at least MMA_PROGRAMS programs per launch
 # instead: each part's [out, M] float32 sums are written, read back and added by XLA, which
@@ -256,7 +264,8 @@ def matmul_group(
     tile = _row_tile(out, block_rows or (MMA_ROWS if mma else wide))
     groups = len(weights)
     if split or not mma:
-        parts = _parts(nb, split or (INT_SPLIT if ints else SPLIT))
+        one_row = INT_SPLIT_ONE_ROW if m == 1 else INT_SPLIT
+        parts = _parts(nb, split or (one_row if ints else SPLIT))
     else:
         parts = _mma_parts(nb, groups * out // tile, m)
     per_group = len(fmt.fields) + 1
@@ -264,7 +273,7 @@ def matmul_group(
     shapes, dtypes = tuple(a.shape for a in one), tuple(a.dtype for a in one)
     warps, stages = (MMA_WARPS, MMA_STAGES) if mma else (NUM_WARPS, NUM_STAGES)
     loop = 1
-    if ints and (row_loop or m == 1):  # more rows: the default is one tile (see INT_ROW_LOOP)
+    if ints and (row_loop or (m == 1 and fmt.name == "q4_k")):  # see INT_ROW_LOOP
         loop = row_loop or _int_row_loop(groups * out // tile, parts, nb // parts)
     while (out // tile) % loop:
         loop //= 2

@@ -441,18 +441,22 @@ def test_decode_over_words_matches_xla(cuda_branch, decode_steps, synth_model):
 
 
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32], ids=["x_bf16", "x_f32"])
-def test_integer_path_splits_long_rows_into_int_split_parts(x_dtype, layout):
-    """One row of a 40-super-block matrix (the FFN value's shape) is split into INT_SPLIT parts
-    on the integer path (words, bf16 x) and SPLIT parts on the float path."""
+@pytest.mark.parametrize("rows", [1, 3])
+def test_integer_path_splits_long_rows_into_int_split_parts(x_dtype, rows, layout):
+    """Rows of a 40-super-block matrix (the FFN value's shape) are split into INT_SPLIT_ONE_ROW
+    parts at one row and INT_SPLIT parts at more on the integer path (words, bf16 x), SPLIT
+    parts on the float path."""
     shape = (32, 40 * 256)
     w = quant.Q4_K.from_raw(_random_raw(quant.Q4_K, shape, np.random.default_rng(3)), shape)
-    x = jnp.ones((1, shape[1]), x_dtype)
+    x = jnp.ones((rows, shape[1]), x_dtype)
     got = jax.eval_shape(
         lambda w, x: gpu_kernels.matmul_group([w], [x], interpret=True, partials=True), w, x
     ).shape[1]
     ints = layout == "words" and x_dtype == jnp.bfloat16
-    split = gpu_kernels.INT_SPLIT if ints else gpu_kernels.SPLIT
-    assert gpu_kernels.INT_SPLIT != gpu_kernels.SPLIT  # else this test tells nothing
+    int_split = gpu_kernels.INT_SPLIT_ONE_ROW if rows == 1 else gpu_kernels.INT_SPLIT
+    split = int_split if ints else gpu_kernels.SPLIT
+    assert gpu_kernels.INT_SPLIT != gpu_kernels.INT_SPLIT_ONE_ROW  # else this tells less
+    assert gpu_kernels.INT_SPLIT != gpu_kernels.SPLIT
     assert got == gpu_kernels._parts(40, split)
 
 
@@ -531,11 +535,13 @@ def test_integer_path_default_row_loop(layout):
     pairs where the launch keeps INT_LOOP_PROGRAMS programs: at the 2.9b model's shapes 4 tiles
     of one super-block for the FFN key (3200 programs at one tile each) and the r/k/v group in
     10 parts, 2 tiles of two super-blocks for the group in 5 parts; one tile for the output
-    matrix (800 programs), the FFN value (4 super-blocks per program) and more rows than one."""
+    matrix (800 programs) and more rows than one; the FFN value (INT_SPLIT_ONE_ROW = 20 parts,
+    two super-blocks per program) in 2 tiles, and as Q6_K in one."""
     C, F = 2560, 10240
 
-    def programs(shape, group=1, split=None, rows=1):
-        w = quant.Q4_K.from_raw(np.zeros(shape[0] * shape[1] // 256 * 144, np.uint8), shape)
+    def programs(shape, group=1, split=None, rows=1, cls=quant.Q4_K):
+        n = shape[0] * shape[1] // 256 * cls.BLOCK.itemsize
+        w = cls.from_raw(np.zeros(n, np.uint8), shape)
         x = jnp.ones((rows, shape[1]), jnp.bfloat16)
         jaxpr = jax.make_jaxpr(
             lambda w, x: gpu_kernels.matmul_group([w] * group, [x] * group, split=split)
@@ -548,5 +554,7 @@ def test_integer_path_default_row_loop(layout):
     assert programs((C, C), group=3) == 240 * 10 // 4
     assert programs((C, C), group=3, split=5) == 240 * 5 // 2
     assert programs((C, C)) == 80 * 10
-    assert programs((C, F)) == 80 * 10
+    assert gpu_kernels.INT_SPLIT_ONE_ROW == 20
+    assert programs((C, F)) == 80 * 20 // 2
+    assert programs((C, F), cls=quant.Q6_K) == 80 * 20
     assert programs((F, C), rows=2) == programs((F, C), rows=4) == 320 * 10
