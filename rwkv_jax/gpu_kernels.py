@@ -112,11 +112,12 @@ INT_SPLIT = 10
 # 14.08 / 16.19 us, the head (one super-block per program) 63.18 / 64.32 / 63.34 us at loop 1 /
 # 2 / 4: Q6_K keeps one tile too.
 INT_ROW_LOOP, INT_LOOP_PROGRAMS = 4, 600
-# ... and at one row the integer path splits the super-blocks into (at most) INT_SPLIT_ONE_ROW
-# parts: the Q4_K FFN value (40 super-blocks per row) then takes 2 per program and 2 row tiles
-# (INT_ROW_LOOP), 9.87 us against 11.68 at split 10 (4 per program, one tile); Q6_K 14.08 vs
-# 14.14 us. Generation loop (`gpu_trace --cases tg:1:128 [--int-split 20]`, one call, split 10
-# / 20 twice): 543.9 / 565.1, 544.7 / 559.3 tok/s
+# ... and at one row Q4_K splits the super-blocks into (at most) INT_SPLIT_ONE_ROW parts where
+# each program then takes more than one row tile: the FFN value (40 super-blocks per row) takes
+# 2 per program and 2 row tiles (INT_ROW_LOOP), 9.87 us against 11.68 at split 10 (4 per
+# program, one tile); in 20 parts with one tile it took 12.24 us, and Q6_K 14.08 vs 14.14 us, so
+# neither changes. Generation loop (`gpu_trace --cases tg:1:128 [--int-split 20]`, one call,
+# split 10 / 20 twice): 543.9 / 565.1, 544.7 / 559.3 tok/s
 INT_SPLIT_ONE_ROW = 20
 # the tensor-core kernel (more rows) splits its super-blocks into at most MMA_SPLIT parts; from
 # MMA_WIDE_M rows (padded) into the fewest parts giving at least MMA_PROGRAMS programs per launch
@@ -264,16 +265,20 @@ def matmul_group(
     tile = _row_tile(out, block_rows or (MMA_ROWS if mma else wide))
     groups = len(weights)
     if split or not mma:
-        one_row = INT_SPLIT_ONE_ROW if m == 1 else INT_SPLIT
-        parts = _parts(nb, split or (one_row if ints else SPLIT))
+        parts = _parts(nb, split or (INT_SPLIT if ints else SPLIT))
     else:
         parts = _mma_parts(nb, groups * out // tile, m)
+    looped = ints and m == 1 and fmt.name == "q4_k"  # the default row loop's reach: INT_ROW_LOOP
+    if looped and not split:  # more parts where they get row tiles (see INT_SPLIT_ONE_ROW)
+        more = _parts(nb, INT_SPLIT_ONE_ROW)
+        if _int_row_loop(groups * out // tile, more, nb // more) > 1:
+            parts = more
     per_group = len(fmt.fields) + 1
     one = arrays[:per_group]  # one group's operands: the others match them
     shapes, dtypes = tuple(a.shape for a in one), tuple(a.dtype for a in one)
     warps, stages = (MMA_WARPS, MMA_STAGES) if mma else (NUM_WARPS, NUM_STAGES)
     loop = 1
-    if ints and (row_loop or (m == 1 and fmt.name == "q4_k")):  # see INT_ROW_LOOP
+    if ints and (row_loop or looped):
         loop = row_loop or _int_row_loop(groups * out // tile, parts, nb // parts)
     while (out // tile) % loop:
         loop //= 2

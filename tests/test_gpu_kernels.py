@@ -442,18 +442,21 @@ def test_decode_over_words_matches_xla(cuda_branch, decode_steps, synth_model):
 
 @pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32], ids=["x_bf16", "x_f32"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_integer_path_splits_long_rows_into_int_split_parts(x_dtype, rows, layout):
-    """Rows of a 40-super-block matrix (the FFN value's shape) are split into INT_SPLIT_ONE_ROW
-    parts at one row and INT_SPLIT parts at more on the integer path (words, bf16 x), SPLIT
-    parts on the float path."""
-    shape = (32, 40 * 256)
-    w = quant.Q4_K.from_raw(_random_raw(quant.Q4_K, shape, np.random.default_rng(3)), shape)
+@pytest.mark.parametrize("out", [32, 2560])
+def test_integer_path_splits_long_rows_into_int_split_parts(x_dtype, rows, out, layout):
+    """Rows of a 40-super-block matrix (the FFN value's shape) are split into INT_SPLIT parts on
+    the integer path (words, bf16 x), SPLIT parts on the float path; into INT_SPLIT_ONE_ROW at
+    one row of Q4_K where the launch then takes row loops (2560 rows: 80 row tiles), not where
+    it does not (32 rows: one tile)."""
+    shape = (out, 40 * 256)
+    w = quant.Q4_K.from_raw(np.zeros(out * 40 * 144, np.uint8), shape)
     x = jnp.ones((rows, shape[1]), x_dtype)
     got = jax.eval_shape(
         lambda w, x: gpu_kernels.matmul_group([w], [x], interpret=True, partials=True), w, x
     ).shape[1]
     ints = layout == "words" and x_dtype == jnp.bfloat16
-    int_split = gpu_kernels.INT_SPLIT_ONE_ROW if rows == 1 else gpu_kernels.INT_SPLIT
+    looped = rows == 1 and out == 2560
+    int_split = gpu_kernels.INT_SPLIT_ONE_ROW if looped else gpu_kernels.INT_SPLIT
     split = int_split if ints else gpu_kernels.SPLIT
     assert gpu_kernels.INT_SPLIT != gpu_kernels.INT_SPLIT_ONE_ROW  # else this tells less
     assert gpu_kernels.INT_SPLIT != gpu_kernels.SPLIT
@@ -535,8 +538,8 @@ def test_integer_path_default_row_loop(layout):
     pairs where the launch keeps INT_LOOP_PROGRAMS programs: at the 2.9b model's shapes 4 tiles
     of one super-block for the FFN key (3200 programs at one tile each) and the r/k/v group in
     10 parts, 2 tiles of two super-blocks for the group in 5 parts; one tile for the output
-    matrix (800 programs) and more rows than one; the FFN value (INT_SPLIT_ONE_ROW = 20 parts,
-    two super-blocks per program) in 2 tiles, and as Q6_K in one."""
+    matrix (800 programs) and more rows than one; the FFN value in INT_SPLIT_ONE_ROW = 20 parts
+    (two super-blocks per program) and 2 tiles, as Q6_K in INT_SPLIT = 10 parts and one tile."""
     C, F = 2560, 10240
 
     def programs(shape, group=1, split=None, rows=1, cls=quant.Q4_K):
@@ -556,5 +559,5 @@ def test_integer_path_default_row_loop(layout):
     assert programs((C, C)) == 80 * 10
     assert gpu_kernels.INT_SPLIT_ONE_ROW == 20
     assert programs((C, F)) == 80 * 20 // 2
-    assert programs((C, F), cls=quant.Q6_K) == 80 * 20
+    assert programs((C, F), cls=quant.Q6_K) == 80 * 10
     assert programs((F, C), rows=2) == programs((F, C), rows=4) == 320 * 10
